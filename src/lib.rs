@@ -2,5 +2,15 @@
 //!
 //! The crate is a library with one thin binary on top, so that integration tests and
 //! benchmarks exercise exactly the code the daemon runs.
+//!
+//! - [`token`] mints tokens and keeps them fresh;
+//! - [`config`] merges flags, environment and the TOML file into checked settings;
+//! - [`pgbouncer`] renders PgBouncer's files and talks to its admin console;
+//! - [`daemon`] ties them together for `aws-pgbouncer run`.
 
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod pgbouncer;
 pub mod token;

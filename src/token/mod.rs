@@ -1,8 +1,14 @@
 //! RDS IAM authentication tokens: minting them, and keeping them fresh.
 
+mod credentials;
+mod region;
 mod signer;
+mod source;
 
+pub use credentials::{CredentialCache, default_chain};
+pub use region::{RegionError, resolve_region};
 pub use signer::{MAX_TOKEN_BYTES, MintError, mint};
+pub use source::{FreshToken, KeyHealth, TokenError, TokenSource};
 
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
@@ -19,7 +25,11 @@ pub struct TokenKey {
 
 impl fmt::Display for TokenKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}:{} ({})", self.user, self.host, self.port, self.region)
+        write!(
+            f,
+            "{}@{}:{} ({})",
+            self.user, self.host, self.port, self.region
+        )
     }
 }
 

@@ -1,0 +1,125 @@
+//! Command-line interface. Every `run` flag can also come from an `AWS_PGBOUNCER_*` variable,
+//! so that container manifests configure the daemon without a wrapper script.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "aws-pgbouncer", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print one RDS IAM authentication token, like `aws rds generate-db-auth-token`.
+    Token(TokenArgs),
+    /// Run the daemon: keep PgBouncer supplied with fresh tokens.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The database host name the client connects to (the token is valid for it only).
+    #[arg(long, visible_alias = "hostname")]
+    pub host: String,
+    #[arg(long, default_value_t = 5432)]
+    pub port: u16,
+    /// The database user: an IAM user (GRANT rds_iam).
+    #[arg(long, visible_alias = "username")]
+    pub user: String,
+    /// The region to sign for; else AWS_REGION, the AWS profile, or the RDS host name.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// The token's X-Amz-Expires in seconds.
+    #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=900))]
+    pub expires_in: u64,
+}
+
+/// How the daemon hands tokens to PgBouncer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Write each token into the rendered pgbouncer.ini and RELOAD PgBouncer.
+    Config,
+}
+
+/// PgBouncer's `server_tls_sslmode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl TlsMode {
+    pub fn as_pgbouncer(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Allow => "allow",
+            TlsMode::Prefer => "prefer",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+
+    pub fn verifies_certificate(self) -> bool {
+        matches!(self, TlsMode::VerifyCa | TlsMode::VerifyFull)
+    }
+}
+
+/// Settings for `run`. Flags win over their environment variables, which win over the config
+/// file, which wins over the defaults named in each help text.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// How tokens reach PgBouncer [default: config].
+    #[arg(long, env = "AWS_PGBOUNCER_MODE")]
+    pub mode: Option<Mode>,
+    /// A TOML file with several databases, client users and PgBouncer settings.
+    #[arg(long, env = "AWS_PGBOUNCER_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// The directory the daemon owns and writes pgbouncer.ini, databases.ini, userlist.txt and
+    /// pg_hba.conf into [default: /run/aws-pgbouncer].
+    #[arg(long, env = "AWS_PGBOUNCER_PGBOUNCER_DIR")]
+    pub pgbouncer_dir: Option<std::path::PathBuf>,
+    /// The database host (RDS or Aurora endpoint). Also read from RDS_HOST.
+    #[arg(long, env = "AWS_PGBOUNCER_HOST")]
+    pub host: Option<String>,
+    /// The database port [default: 5432]. Also read from DB_PORT.
+    #[arg(long, env = "AWS_PGBOUNCER_PORT")]
+    pub port: Option<u16>,
+    /// The database name on the server, also the name applications connect to. Also read
+    /// from DB_NAME.
+    #[arg(long, env = "AWS_PGBOUNCER_DBNAME")]
+    pub dbname: Option<String>,
+    /// The IAM database user PgBouncer logs in as. Also read from DB_USERNAME.
+    #[arg(long, env = "AWS_PGBOUNCER_USER")]
+    pub user: Option<String>,
+    /// The region tokens are signed for; else AWS_REGION, the AWS profile, or the host name.
+    #[arg(long, env = "AWS_PGBOUNCER_REGION")]
+    pub region: Option<String>,
+    /// Where PgBouncer serves applications [default: 127.0.0.1:6432].
+    #[arg(long, env = "AWS_PGBOUNCER_LISTEN")]
+    pub listen: Option<String>,
+    /// PgBouncer's TLS mode towards the database [default: verify-full].
+    #[arg(long, env = "AWS_PGBOUNCER_SERVER_TLS_MODE")]
+    pub server_tls_mode: Option<TlsMode>,
+    /// The CA bundle that signs the database's certificate (the RDS CA bundle).
+    #[arg(long, env = "AWS_PGBOUNCER_SERVER_CA_FILE")]
+    pub server_ca_file: Option<std::path::PathBuf>,
+    /// The tokens' lifetime (X-Amz-Expires) in seconds, 1 to 900 [default: 900].
+    #[arg(long, env = "AWS_PGBOUNCER_TOKEN_LIFETIME")]
+    pub token_lifetime: Option<u64>,
+    /// Start PgBouncer as a child process on the rendered config, as the old single-container
+    /// sidecar did, and stop with it.
+    #[arg(long, env = "AWS_PGBOUNCER_SUPERVISE")]
+    pub supervise: bool,
+    /// The PgBouncer executable that --supervise starts.
+    #[arg(long, env = "AWS_PGBOUNCER_PGBOUNCER_BIN", default_value = "pgbouncer")]
+    pub pgbouncer_bin: std::path::PathBuf,
+}

@@ -1,0 +1,76 @@
+//! The TOML configuration file, for set-ups with several databases or PgBouncer tuning.
+//! Unknown keys are errors: a misspelt setting that is silently ignored is how an outage starts.
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub mode: Option<String>,
+    pub pgbouncer_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub region: Option<String>,
+    pub token_lifetime: Option<u64>,
+    pub server_tls_mode: Option<String>,
+    pub server_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub databases: Vec<DatabaseEntry>,
+    /// Users that applications log in to PgBouncer as, with optional passwords.
+    #[serde(default)]
+    pub clients: Vec<ClientEntry>,
+    /// PgBouncer settings passed through to the `[pgbouncer]` section as they are.
+    #[serde(default)]
+    pub pgbouncer: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseEntry {
+    /// The name applications connect to; defaults to `dbname`.
+    pub name: Option<String>,
+    pub host: String,
+    pub port: Option<u16>,
+    pub dbname: String,
+    /// The IAM database user PgBouncer logs in as.
+    pub user: String,
+    pub region: Option<String>,
+    /// Per-database PgBouncer options (`pool_size`, `pool_mode`, ...), appended to the entry.
+    #[serde(default)]
+    pub options: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    pub user: String,
+    /// A plaintext password or a `SCRAM-SHA-256$...` verifier. Without one, the user may log
+    /// in from loopback only, without a password, as with the old sidecar.
+    pub password: Option<SecretString>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read config file {}: {error}", path.display()))?;
+        toml::from_str(&text).map_err(|error| describe(path, &text, &error))
+    }
+}
+
+/// The error without toml's source excerpt: the excerpt could show a password.
+fn describe(path: &Path, text: &str, error: &toml::de::Error) -> String {
+    let location = error.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    format!(
+        "config file {}{}: {}",
+        path.display(),
+        location.unwrap_or_default(),
+        error.message()
+    )
+}

@@ -1,0 +1,323 @@
+//! The daemon's settings: flags and environment, the TOML file and the old sidecar's
+//! variables, merged and checked once at start, before anything is written.
+
+mod file;
+
+pub use file::{ClientEntry, ConfigFile, DatabaseEntry};
+
+use crate::cli::{Mode, RunArgs, TlsMode};
+use crate::token::{TokenKey, resolve_region};
+use secrecy::SecretString;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const DEFAULT_PGBOUNCER_DIR: &str = "/run/aws-pgbouncer";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
+pub const DEFAULT_TOKEN_LIFETIME: u64 = 900;
+
+/// Settings the daemon owns in `[pgbouncer]`; passing them through would break it or open it.
+const OWNED_PGBOUNCER_SETTINGS: &[&str] = &[
+    "listen_addr",
+    "listen_port",
+    "auth_type",
+    "auth_file",
+    "auth_hba_file",
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
+    "admin_users",
+    "stats_users",
+    "server_tls_sslmode",
+    "server_tls_ca_file",
+];
+
+#[derive(Debug)]
+pub struct Settings {
+    pub mode: Mode,
+    pub pgbouncer_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub token_lifetime: Duration,
+    pub server_tls_mode: TlsMode,
+    pub server_ca_file: Option<PathBuf>,
+    pub databases: Vec<Database>,
+    pub clients: Vec<Client>,
+    /// `[pgbouncer]` settings passed through, already rendered as PgBouncer values.
+    pub pgbouncer_settings: Vec<(String, String)>,
+}
+
+/// One `[databases]` entry: the name applications use and the IAM login behind it.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pub name: String,
+    pub dbname: String,
+    pub target: TokenKey,
+    pub options: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub user: String,
+    pub password: Option<SecretString>,
+}
+
+impl Settings {
+    /// Merges and checks everything. Errors name the setting and what to do about it.
+    pub async fn resolve(args: &RunArgs) -> Result<Self, String> {
+        let file = match &args.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let mode = match (args.mode, &file.mode) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => <Mode as clap::ValueEnum>::from_str(text, false)
+                .map_err(|_| format!("config file: mode {text:?} is not one of: config"))?,
+            (None, None) => Mode::Config,
+        };
+        let token_lifetime = args
+            .token_lifetime
+            .or(file.token_lifetime)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        if !(1..=900).contains(&token_lifetime) {
+            return Err(format!(
+                "token lifetime {token_lifetime} s is out of range: RDS accepts 1 to 900 seconds"
+            ));
+        }
+        let listen_text = args
+            .listen
+            .clone()
+            .or(file.listen.clone())
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            format!("listen address {listen_text:?} is not ADDR:PORT, e.g. 127.0.0.1:6432")
+        })?;
+        let server_tls_mode = match (args.server_tls_mode, &file.server_tls_mode) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => <TlsMode as clap::ValueEnum>::from_str(text, false)
+                .map_err(|_| format!("config file: server_tls_mode {text:?} is not valid"))?,
+            (None, None) => TlsMode::VerifyFull,
+        };
+        let server_ca_file = args.server_ca_file.clone().or(file.server_ca_file.clone());
+        check_ca_file(server_tls_mode, server_ca_file.as_ref())?;
+
+        let default_region = args.region.clone().or(file.region.clone());
+        let mut entries = file.databases;
+        if let Some(entry) = database_from_flags(args)? {
+            entries.push(entry);
+        }
+        if entries.is_empty() {
+            return Err(
+                "no database configured: set --host (or RDS_HOST), --dbname (DB_NAME) \
+                        and --user (DB_USERNAME), or list [[databases]] in --config"
+                    .to_owned(),
+            );
+        }
+        let mut databases = Vec::with_capacity(entries.len());
+        for entry in entries {
+            databases.push(resolve_database(entry, default_region.as_deref()).await?);
+        }
+        check_unique(databases.iter().map(|db| db.name.as_str()), "database name")?;
+
+        let clients = resolve_clients(file.clients, &databases)?;
+        let pgbouncer_settings = file
+            .pgbouncer
+            .into_iter()
+            .map(|(key, value)| {
+                if OWNED_PGBOUNCER_SETTINGS.contains(&key.as_str()) {
+                    return Err(format!(
+                        "config file: [pgbouncer] {key} is set by aws-pgbouncer itself; remove it"
+                    ));
+                }
+                check_word(&key, "[pgbouncer] setting name")?;
+                Ok((key.clone(), setting_value(&key, &value)?))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+
+        Ok(Self {
+            mode,
+            pgbouncer_dir: args
+                .pgbouncer_dir
+                .clone()
+                .or(file.pgbouncer_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PGBOUNCER_DIR)),
+            listen,
+            token_lifetime: Duration::from_secs(token_lifetime),
+            server_tls_mode,
+            server_ca_file,
+            databases,
+            clients,
+            pgbouncer_settings,
+        })
+    }
+}
+
+/// The single database of the old sidecar's shape, from flags, `AWS_PGBOUNCER_*` or the old
+/// sidecar's own variables (`RDS_HOST`, `DB_PORT`, `DB_NAME`, `DB_USERNAME`).
+fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> {
+    let legacy = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let Some(host) = args.host.clone().or_else(|| legacy("RDS_HOST")) else {
+        return Ok(None);
+    };
+    let port = match (args.port, legacy("DB_PORT")) {
+        (Some(port), _) => Some(port),
+        (None, Some(text)) => Some(
+            text.parse()
+                .map_err(|_| format!("DB_PORT {text:?} is not a port number"))?,
+        ),
+        (None, None) => None,
+    };
+    let dbname = args
+        .dbname
+        .clone()
+        .or_else(|| legacy("DB_NAME"))
+        .ok_or("--host is set but --dbname (DB_NAME) is not")?;
+    let user = args
+        .user
+        .clone()
+        .or_else(|| legacy("DB_USERNAME"))
+        .ok_or("--host is set but --user (DB_USERNAME) is not")?;
+    Ok(Some(DatabaseEntry {
+        name: None,
+        host,
+        port,
+        dbname,
+        user,
+        region: None,
+        options: Default::default(),
+    }))
+}
+
+async fn resolve_database(
+    entry: DatabaseEntry,
+    default_region: Option<&str>,
+) -> Result<Database, String> {
+    let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
+    check_word(&name, "database name")?;
+    if entry.host.is_empty() || entry.user.is_empty() || entry.dbname.is_empty() {
+        return Err(format!(
+            "database {name}: host, dbname and user must not be empty"
+        ));
+    }
+    let region = resolve_region(entry.region.as_deref().or(default_region), &entry.host)
+        .await
+        .map_err(|error| format!("database {name}: {error}"))?;
+    let options = entry
+        .options
+        .iter()
+        .map(|(key, value)| {
+            check_word(key, "database option name")?;
+            if ["host", "port", "dbname", "user", "password"].contains(&key.as_str()) {
+                return Err(format!(
+                    "database {name}: option {key} is set by aws-pgbouncer"
+                ));
+            }
+            Ok((key.clone(), setting_value(key, value)?))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Database {
+        name,
+        dbname: entry.dbname,
+        target: TokenKey {
+            host: entry.host,
+            port: entry.port.unwrap_or(5432),
+            user: entry.user,
+            region,
+        },
+        options,
+    })
+}
+
+/// Without `[[clients]]`, applications log in as the IAM user names, without a password, from
+/// loopback: what the old sidecar's users have configured today.
+fn resolve_clients(
+    entries: Vec<ClientEntry>,
+    databases: &[Database],
+) -> Result<Vec<Client>, String> {
+    let clients: Vec<Client> = if entries.is_empty() {
+        let users: BTreeSet<&str> = databases.iter().map(|db| db.target.user.as_str()).collect();
+        users
+            .into_iter()
+            .map(|user| Client {
+                user: user.to_owned(),
+                password: None,
+            })
+            .collect()
+    } else {
+        entries
+            .into_iter()
+            .map(|entry| Client {
+                user: entry.user,
+                password: entry.password,
+            })
+            .collect()
+    };
+    for client in &clients {
+        check_user_name(&client.user)?;
+    }
+    check_unique(clients.iter().map(|c| c.user.as_str()), "client user")?;
+    Ok(clients)
+}
+
+fn check_ca_file(mode: TlsMode, ca_file: Option<&PathBuf>) -> Result<(), String> {
+    match ca_file {
+        None if mode.verifies_certificate() => Err(format!(
+            "server TLS mode {} needs --server-ca-file: the RDS CA bundle (global-bundle.pem)",
+            mode.as_pgbouncer()
+        )),
+        Some(path) => std::fs::File::open(path)
+            .map(drop)
+            .map_err(|error| format!("server CA file {}: {error}", path.display())),
+        None => Ok(()),
+    }
+}
+
+fn check_unique<'a>(names: impl Iterator<Item = &'a str>, what: &str) -> Result<(), String> {
+    let mut seen = BTreeSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            return Err(format!("{what} {name:?} appears twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Names that go unquoted into PgBouncer's ini files.
+fn check_word(word: &str, what: &str) -> Result<(), String> {
+    let fine = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if fine {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {word:?} may contain only letters, digits, '_', '-' and '.'"
+        ))
+    }
+}
+
+/// User names are quoted in the userlist and hba file; only characters that would end the
+/// quoting or the line are refused.
+fn check_user_name(user: &str) -> Result<(), String> {
+    if user.is_empty() || user.chars().any(|c| c == '"' || c.is_control()) {
+        return Err(format!(
+            "user name {user:?} must be non-empty, without double quotes or control characters"
+        ));
+    }
+    Ok(())
+}
+
+fn setting_value(key: &str, value: &toml::Value) -> Result<String, String> {
+    let text = match value {
+        toml::Value::String(text) => text.clone(),
+        toml::Value::Integer(number) => number.to_string(),
+        toml::Value::Float(number) => number.to_string(),
+        toml::Value::Boolean(flag) => u8::from(*flag).to_string(),
+        _ => return Err(format!("setting {key}: use a string, number or boolean")),
+    };
+    if text.chars().any(char::is_control) {
+        return Err(format!("setting {key}: the value must be a single line"));
+    }
+    Ok(text)
+}

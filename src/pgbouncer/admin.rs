@@ -1,0 +1,149 @@
+//! PgBouncer's admin console, reached as the daemon's own admin user.
+//!
+//! The console speaks only the simple query protocol, which tokio-postgres's `simple_query`
+//! uses. The connection is kept between reloads and made anew after any error, so a PgBouncer
+//! restart costs one failed attempt, not a stuck daemon.
+
+use super::render::ADMIN_USER;
+use secrecy::{ExposeSecret, SecretString};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot reach PgBouncer's admin console at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: tokio_postgres::Error,
+    },
+    #[error("PgBouncer's admin console refused {command}: {source}")]
+    Command {
+        command: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("PgBouncer's admin console gave no answer to {0}")]
+    NoAnswer(&'static str),
+}
+
+pub struct AdminConsole {
+    addr: SocketAddr,
+    config: tokio_postgres::Config,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl AdminConsole {
+    /// `listen` is PgBouncer's listen address; a wildcard address is reached over loopback.
+    pub fn new(listen: SocketAddr, secret: &SecretString) -> Self {
+        let ip = match listen.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let addr = SocketAddr::new(ip, listen.port());
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(ip.to_string())
+            .port(addr.port())
+            .user(ADMIN_USER)
+            .password(secret.expose_secret())
+            .dbname("pgbouncer")
+            .application_name("aws-pgbouncer")
+            .connect_timeout(CONNECT_TIMEOUT);
+        Self {
+            addr,
+            config,
+            client: None,
+        }
+    }
+
+    /// PgBouncer's version string, e.g. `PgBouncer 1.24.1`.
+    pub async fn version(&mut self) -> Result<String, AdminError> {
+        let rows = self.run("SHOW VERSION").await?;
+        rows.into_iter()
+            .find_map(|message| match message {
+                SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .ok_or(AdminError::NoAnswer("SHOW VERSION"))
+    }
+
+    /// Makes PgBouncer re-read its config and auth file. Server connections survive it when
+    /// only passwords changed (PgBouncer 1.24+).
+    pub async fn reload(&mut self) -> Result<(), AdminError> {
+        self.run("RELOAD").await.map(drop)
+    }
+
+    async fn run(&mut self, command: &'static str) -> Result<Vec<SimpleQueryMessage>, AdminError> {
+        let client = match self.client.take() {
+            Some(client) if !client.is_closed() => client,
+            _ => self.connect().await?,
+        };
+        let outcome = client.simple_query(command).await;
+        match outcome {
+            Ok(messages) => {
+                self.client = Some(client);
+                Ok(messages)
+            }
+            Err(source) => Err(AdminError::Command { command, source }),
+        }
+    }
+
+    async fn connect(&self) -> Result<tokio_postgres::Client, AdminError> {
+        let (client, connection) =
+            self.config
+                .connect(NoTls)
+                .await
+                .map_err(|source| AdminError::Connect {
+                    addr: self.addr,
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "admin console connection ended");
+            }
+        });
+        Ok(client)
+    }
+}
+
+/// What is wrong with a PgBouncer version for this daemon, if anything.
+pub fn version_warning(version: &str) -> Option<&'static str> {
+    let number = version.split_whitespace().last()?;
+    let mut parts = number.split('.').map(|part| part.parse::<u32>().ok());
+    let (major, minor) = (parts.next()??, parts.next()??);
+    match (major, minor) {
+        (1, minor) if minor < 24 => Some(
+            "PgBouncer before 1.24 drops every TLS server connection at each RELOAD, so each \
+             token refresh reconnects all pools; upgrade to 1.25 or newer",
+        ),
+        (1, 24) => Some(
+            "PgBouncer 1.24.x crashes when a server asks for SCRAM and the password is 1024 \
+             bytes or longer (tokens signed with session credentials are); upgrade to 1.25 or newer",
+        ),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_warning;
+
+    #[test]
+    fn old_versions_are_warned_about() {
+        assert!(
+            version_warning("PgBouncer 1.18.0")
+                .unwrap()
+                .contains("before 1.24")
+        );
+        assert!(
+            version_warning("PgBouncer 1.24.1")
+                .unwrap()
+                .contains("1.24.x")
+        );
+        assert_eq!(version_warning("PgBouncer 1.25.2"), None);
+        assert_eq!(version_warning("PgBouncer 2.0.0"), None);
+    }
+}

@@ -1,0 +1,7 @@
+//! Everything that touches PgBouncer: the files it reads, its admin console, and its process
+//! when the daemon supervises it.
+
+pub mod admin;
+pub mod files;
+pub mod render;
+pub mod supervise;

@@ -1,0 +1,218 @@
+//! The text of the files PgBouncer reads. Pure functions of the settings and tokens, so that
+//! what PgBouncer sees can be tested without running it.
+//!
+//! `pgbouncer.ini` holds the settings and `%include`s `databases.ini`, the only file that
+//! changes at each token refresh. Users who keep their own pgbouncer.ini `%include` the same
+//! `databases.ini`.
+
+use crate::config::{Client, Database, Settings};
+use crate::token::AuthToken;
+use secrecy::{ExposeSecret, SecretString};
+use std::fmt::Write;
+use std::path::Path;
+
+/// The daemon's own admin-console user. Only it may RELOAD, PAUSE or SHUTDOWN PgBouncer.
+pub const ADMIN_USER: &str = "aws_pgbouncer_admin";
+
+pub const PGBOUNCER_INI: &str = "pgbouncer.ini";
+pub const DATABASES_INI: &str = "databases.ini";
+pub const USERLIST: &str = "userlist.txt";
+pub const HBA: &str = "pg_hba.conf";
+
+const HEADER: &str =
+    ";; Written by aws-pgbouncer, which owns this directory and rewrites its files.\n";
+
+pub fn pgbouncer_ini(settings: &Settings, dir: &Path) -> String {
+    let mut ini = String::from(HEADER);
+    ini.push_str("[pgbouncer]\n");
+    let mut set = |key: &str, value: &str| {
+        let _ = writeln!(ini, "{key} = {value}");
+    };
+    set("listen_addr", &settings.listen.ip().to_string());
+    set("listen_port", &settings.listen.port().to_string());
+    set("auth_type", "hba");
+    set("auth_hba_file", &dir.join(HBA).display().to_string());
+    set("auth_file", &dir.join(USERLIST).display().to_string());
+    set("admin_users", ADMIN_USER);
+    set(
+        "server_tls_sslmode",
+        settings.server_tls_mode.as_pgbouncer(),
+    );
+    if let Some(ca_file) = &settings.server_ca_file {
+        set("server_tls_ca_file", &ca_file.display().to_string());
+    }
+    // JDBC and many drivers send extra_float_digits; without this PgBouncer refuses them.
+    if !settings
+        .pgbouncer_settings
+        .iter()
+        .any(|(key, _)| key == "ignore_startup_parameters")
+    {
+        set("ignore_startup_parameters", "extra_float_digits");
+    }
+    for (key, value) in &settings.pgbouncer_settings {
+        set(key, value);
+    }
+    // %include paths resolve against PgBouncer's working directory, so it must be absolute.
+    let _ = writeln!(ini, "%include {}", dir.join(DATABASES_INI).display());
+    ini
+}
+
+/// One entry per database, with the IAM user forced and the current token as its password.
+pub fn databases_ini<'a>(
+    entries: impl IntoIterator<Item = (&'a Database, &'a AuthToken)>,
+) -> SecretString {
+    let mut ini = String::from(HEADER);
+    ini.push_str("[databases]\n");
+    for (database, token) in entries {
+        let target = &database.target;
+        let _ = write!(
+            ini,
+            "{} = host={} port={} dbname={} user={} password={}",
+            database.name,
+            quote_value(&target.host),
+            target.port,
+            quote_value(&database.dbname),
+            quote_value(&target.user),
+            quote_value(token.expose()),
+        );
+        for (key, value) in &database.options {
+            let _ = write!(ini, " {key}={}", quote_value(value));
+        }
+        ini.push('\n');
+    }
+    SecretString::from(ini)
+}
+
+/// The admin user with a SCRAM verifier of its secret, and the applications' users. Plaintext
+/// client passwords are stored as SCRAM verifiers, so the file holds no usable password.
+pub fn userlist(admin_secret: &SecretString, clients: &[Client]) -> SecretString {
+    let mut list = String::new();
+    let mut add = |user: &str, secret: &str| {
+        let _ = writeln!(list, "{} {}", quote_userlist(user), quote_userlist(secret));
+    };
+    add(ADMIN_USER, &scram_verifier(admin_secret));
+    for client in clients {
+        match &client.password {
+            Some(password) => add(&client.user, &scram_verifier(password)),
+            None => add(&client.user, ""),
+        }
+    }
+    SecretString::from(list)
+}
+
+/// Who may log in, and how. Clients without a password may come from loopback only; the
+/// admin console admits the daemon's user only; everything else is rejected.
+pub fn hba(databases: &[Database], clients: &[Client]) -> String {
+    let mut rules =
+        String::from("# Written by aws-pgbouncer. Anything not allowed here is refused.\n");
+    let mut allow = |database: &str, user: &str, method: &str, remote: bool| {
+        let user = quote_userlist(user);
+        let _ = writeln!(rules, "local {database} {user} {method}");
+        let (v4, v6) = if remote {
+            ("0.0.0.0/0", "::/0")
+        } else {
+            ("127.0.0.1/32", "::1/128")
+        };
+        let _ = writeln!(rules, "host {database} {user} {v4} {method}");
+        let _ = writeln!(rules, "host {database} {user} {v6} {method}");
+    };
+    allow("pgbouncer", ADMIN_USER, "scram-sha-256", false);
+    let names: Vec<&str> = databases.iter().map(|db| db.name.as_str()).collect();
+    let names = names.join(",");
+    for client in clients {
+        match client.password {
+            Some(_) => allow(&names, &client.user, "scram-sha-256", true),
+            None => allow(&names, &client.user, "trust", false),
+        }
+    }
+    rules
+}
+
+fn scram_verifier(secret: &SecretString) -> String {
+    let given = secret.expose_secret();
+    if given.starts_with("SCRAM-SHA-256$") {
+        given.to_owned()
+    } else {
+        postgres_protocol::password::scram_sha_256(given.as_bytes())
+    }
+}
+
+/// PgBouncer's connection-string quoting: single quotes, doubled inside.
+fn quote_value(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// The userlist's and hba file's quoting: double quotes, doubled inside.
+fn quote_userlist(value: &str) -> String {
+    format!("\"{}\"", value.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::TokenKey;
+    use std::time::SystemTime;
+
+    fn database(name: &str, user: &str) -> Database {
+        Database {
+            name: name.into(),
+            dbname: format!("{name}_db"),
+            target: TokenKey {
+                host: "db.example.internal".into(),
+                port: 5432,
+                user: user.into(),
+                region: "eu-west-1".into(),
+            },
+            options: vec![("pool_mode".into(), "transaction".into())],
+        }
+    }
+
+    #[test]
+    fn database_entries_force_the_iam_user_with_the_token() {
+        let db = database("app", "o'neil");
+        let token = AuthToken::new(
+            "h:5432/?a=b&c=d".into(),
+            SystemTime::now(),
+            SystemTime::now(),
+        );
+        let ini = databases_ini([(&db, &token)]);
+        assert!(ini.expose_secret().contains(
+            "app = host='db.example.internal' port=5432 dbname='app_db' user='o''neil' \
+             password='h:5432/?a=b&c=d' pool_mode='transaction'\n"
+        ));
+    }
+
+    #[test]
+    fn hba_admits_passwordless_clients_from_loopback_only() {
+        let clients = [
+            Client {
+                user: "app".into(),
+                password: None,
+            },
+            Client {
+                user: "remote".into(),
+                password: Some(SecretString::from("pw")),
+            },
+        ];
+        let rules = hba(&[database("a", "app"), database("b", "app")], &clients);
+        assert!(rules.contains("host a,b \"app\" 127.0.0.1/32 trust\n"));
+        assert!(!rules.contains("\"app\" 0.0.0.0/0"));
+        assert!(rules.contains("host a,b \"remote\" 0.0.0.0/0 scram-sha-256\n"));
+        assert!(
+            rules.contains("host pgbouncer \"aws_pgbouncer_admin\" 127.0.0.1/32 scram-sha-256\n")
+        );
+        assert!(!rules.contains("any"));
+    }
+
+    #[test]
+    fn userlist_holds_no_plaintext_password() {
+        let clients = [Client {
+            user: "app".into(),
+            password: Some(SecretString::from("hunter2")),
+        }];
+        let list = userlist(&SecretString::from("admin-secret"), &clients);
+        let text = list.expose_secret();
+        assert!(!text.contains("hunter2") && !text.contains("admin-secret"));
+        assert_eq!(text.matches("SCRAM-SHA-256$4096:").count(), 2);
+    }
+}

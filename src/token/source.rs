@@ -1,0 +1,339 @@
+//! The token source the rest of the daemon asks for tokens.
+//!
+//! Callers get a token from a moka cache in well under a microsecond. Each key that has been
+//! asked for once gets a background task that mints its successor well before the current
+//! token dies, so callers almost never wait for a mint. When minting fails (say the credential
+//! source is down), the current token keeps being served until it is about to die, the
+//! failure is recorded for readiness and metrics, and the refresh is retried with back-off.
+
+use super::credentials::{CredentialCache, minimum_life};
+use super::{AuthToken, MintError, TokenKey, mint};
+use aws_credential_types::provider::error::CredentialsError;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use moka::Expiry;
+use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
+use rand::RngExt;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    WhenDue,
+    Now,
+}
+
+/// A token with the times that govern its use.
+#[derive(Debug)]
+pub struct FreshToken {
+    pub token: AuthToken,
+    /// The earlier of the token's own expiry and the expiry of the credentials that signed it:
+    /// RDS refuses a token whose signing credentials have expired.
+    pub usable_until: SystemTime,
+    /// When the background task mints the successor.
+    pub refresh_at: SystemTime,
+    /// From here on the token is too close to death to hand out.
+    stale_at: SystemTime,
+}
+
+impl FreshToken {
+    fn time_until_stale(&self) -> Duration {
+        self.stale_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+    }
+}
+
+/// Why a token could not be had. The text never contains a secret: credential errors come from
+/// the AWS SDK, whose errors name the failing source, not the keys.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("could not get AWS credentials: {message}")]
+    Credentials {
+        cause: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    Mint(Arc<MintError>),
+}
+
+impl TokenError {
+    /// A short, stable label for metrics and readiness output.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            TokenError::Credentials { cause, .. } => cause,
+            TokenError::Mint(error) => match error.as_ref() {
+                MintError::TooLong { .. } => "token_too_long",
+                _ => "mint",
+            },
+        }
+    }
+}
+
+impl From<CredentialsError> for TokenError {
+    fn from(error: CredentialsError) -> Self {
+        let cause = match &error {
+            CredentialsError::CredentialsNotLoaded(_) => "credentials_not_loaded",
+            CredentialsError::ProviderTimedOut(_) => "credentials_timeout",
+            CredentialsError::InvalidConfiguration(_) => "credentials_invalid_configuration",
+            CredentialsError::ProviderError(_) => "credentials_provider_error",
+            _ => "credentials_unhandled",
+        };
+        TokenError::Credentials {
+            cause,
+            message: DisplayErrorContext(&error).to_string(),
+        }
+    }
+}
+
+/// What readiness and metrics need to know about one key.
+#[derive(Debug, Clone, Default)]
+pub struct KeyHealth {
+    /// `usable_until` of the token being served, if any.
+    pub usable_until: Option<SystemTime>,
+    pub signed_at: Option<SystemTime>,
+    pub successes: u64,
+    pub failures_by_cause: BTreeMap<&'static str, u64>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<TokenError>,
+}
+
+impl KeyHealth {
+    /// True while a token that is not about to die is available.
+    pub fn has_usable_token(&self, lifetime: Duration) -> bool {
+        self.usable_until
+            .is_some_and(|until| until >= SystemTime::now() + minimum_life(lifetime))
+    }
+}
+
+pub struct TokenSource {
+    credentials: CredentialCache,
+    lifetime: Duration,
+    cache: Cache<TokenKey, Arc<FreshToken>>,
+    health: Mutex<HashMap<TokenKey, KeyHealth>>,
+    /// Bumped whenever any key gets a new token, so that config mode knows to rewrite.
+    generation: watch::Sender<u64>,
+}
+
+impl TokenSource {
+    /// `lifetime` is the tokens' X-Amz-Expires (1..=900 s; the signer enforces the range).
+    pub fn new(credentials: CredentialCache, lifetime: Duration) -> Arc<Self> {
+        let cache = Cache::builder().expire_after(UntilStale).build();
+        Arc::new(Self {
+            credentials,
+            lifetime,
+            cache,
+            health: Mutex::new(HashMap::new()),
+            generation: watch::Sender::new(0),
+        })
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// A token for `key` with enough life left to be used. Served from the cache when
+    /// possible; otherwise minted now, once per key however many callers wait.
+    pub async fn token(self: &Arc<Self>, key: &TokenKey) -> Result<Arc<FreshToken>, TokenError> {
+        if let Some(fresh) = self.cache.get(key).await {
+            return Ok(fresh);
+        }
+        self.renew(key, Renewal::WhenDue).await
+    }
+
+    /// Mints a new token for `key` now, even if the one held is still fresh: for SIGHUP, and
+    /// for anyone who knows a token was rejected.
+    pub async fn refresh_now(
+        self: &Arc<Self>,
+        key: &TokenKey,
+    ) -> Result<Arc<FreshToken>, TokenError> {
+        self.renew(key, Renewal::Now).await
+    }
+
+    /// Mints a new token for `key` unless `when` says the one held may stay, and ensures a
+    /// refresh task runs for the key. moka serialises computations per key, so concurrent
+    /// callers share one mint.
+    async fn renew(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        when: Renewal,
+    ) -> Result<Arc<FreshToken>, TokenError> {
+        let outcome = self
+            .cache
+            .entry(key.clone())
+            .and_try_compute_with(|held| async move {
+                match held {
+                    Some(entry)
+                        if when == Renewal::WhenDue
+                            && entry.value().refresh_at > SystemTime::now() =>
+                    {
+                        Ok(Op::Nop)
+                    }
+                    _ => self
+                        .mint_now(key)
+                        .await
+                        .map(|fresh| Op::Put(Arc::new(fresh))),
+                }
+            })
+            .await;
+        match outcome {
+            Ok(CompResult::Inserted(entry)) => {
+                self.record_success(key, entry.value());
+                self.spawn_refresher(key.clone());
+                Ok(entry.into_value())
+            }
+            Ok(CompResult::ReplacedWith(entry)) => {
+                self.record_success(key, entry.value());
+                Ok(entry.into_value())
+            }
+            Ok(CompResult::Unchanged(entry)) => Ok(entry.into_value()),
+            Ok(CompResult::StillNone(_) | CompResult::Removed(_)) => {
+                unreachable!("the computation only ever keeps or puts an entry")
+            }
+            Err(error) => {
+                self.record_failure(key, &error);
+                Err(error)
+            }
+        }
+    }
+
+    async fn mint_now(&self, key: &TokenKey) -> Result<FreshToken, TokenError> {
+        let credentials = self.credentials.get().await?;
+        let token = mint(&credentials, key, SystemTime::now(), self.lifetime)
+            .map_err(|error| TokenError::Mint(Arc::new(error)))?;
+        let usable_until = credentials
+            .expiry()
+            .map_or(token.expires_at, |expiry| expiry.min(token.expires_at));
+        Ok(schedule(token, usable_until, self.lifetime))
+    }
+
+    fn spawn_refresher(self: &Arc<Self>, key: TokenKey) {
+        let source = Arc::downgrade(self);
+        tokio::spawn(refresh_forever(source, key));
+    }
+
+    fn record_success(&self, key: &TokenKey, fresh: &FreshToken) {
+        let mut health = self.health.lock().expect("health lock poisoned");
+        let entry = health.entry(key.clone()).or_default();
+        entry.usable_until = Some(fresh.usable_until);
+        entry.signed_at = Some(fresh.token.signed_at);
+        entry.successes += 1;
+        entry.consecutive_failures = 0;
+        entry.last_error = None;
+        drop(health);
+        self.generation.send_modify(|generation| *generation += 1);
+        tracing::info!(target_key = %key, refresh_in_secs = secs_until(fresh.refresh_at), valid_for_secs = secs_until(fresh.usable_until), "minted a new token");
+    }
+
+    fn record_failure(&self, key: &TokenKey, error: &TokenError) {
+        let mut health = self.health.lock().expect("health lock poisoned");
+        let entry = health.entry(key.clone()).or_default();
+        *entry.failures_by_cause.entry(error.cause()).or_default() += 1;
+        entry.consecutive_failures += 1;
+        entry.last_error = Some(error.clone());
+        let still_serving = entry.has_usable_token(self.lifetime);
+        drop(health);
+        tracing::warn!(target_key = %key, cause = error.cause(), %error, still_serving, "token refresh failed");
+    }
+
+    /// A snapshot of every key's health, for readiness and metrics.
+    pub fn health(&self) -> Vec<(TokenKey, KeyHealth)> {
+        let health = self.health.lock().expect("health lock poisoned");
+        health.iter().map(|(k, h)| (k.clone(), h.clone())).collect()
+    }
+
+    /// A receiver that changes whenever any key gets a new token.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+/// Places the refresh point at 55–65 % of the token's usable life (the jitter keeps many keys
+/// from refreshing in lock-step) and the stale point a tenth of the lifetime before its end.
+fn schedule(token: AuthToken, usable_until: SystemTime, lifetime: Duration) -> FreshToken {
+    let life = usable_until
+        .duration_since(token.signed_at)
+        .unwrap_or_default();
+    let refresh_fraction = rand::rng().random_range(0.55..0.65);
+    FreshToken {
+        refresh_at: token.signed_at + life.mul_f64(refresh_fraction),
+        stale_at: usable_until - minimum_life(lifetime).min(life),
+        usable_until,
+        token,
+    }
+}
+
+/// Mints each successor at its refresh point; after a failure, retries with back-off. Ends
+/// when the source is dropped.
+async fn refresh_forever(source: Weak<TokenSource>, key: TokenKey) {
+    let mut failures: u32 = 0;
+    loop {
+        let wake_at = {
+            let Some(source) = source.upgrade() else {
+                return;
+            };
+            if failures == 0 {
+                match source.cache.get(&key).await {
+                    Some(fresh) => fresh.refresh_at,
+                    None => SystemTime::now(),
+                }
+            } else {
+                SystemTime::now() + backoff(failures, source.lifetime)
+            }
+        };
+        tokio::time::sleep(
+            wake_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+        .await;
+        let Some(source) = source.upgrade() else {
+            return;
+        };
+        match source.renew(&key, Renewal::WhenDue).await {
+            Ok(_) => failures = 0,
+            Err(_) => failures = failures.saturating_add(1),
+        }
+    }
+}
+
+/// Capped at a quarter of the lifetime, so that a few retries still fall inside the old
+/// token's remaining life.
+fn backoff(failures: u32, lifetime: Duration) -> Duration {
+    crate::backoff::delay(
+        failures,
+        (lifetime / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+    )
+}
+
+fn secs_until(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// Evicts each entry when its token turns stale, so a cache hit is always a usable token.
+struct UntilStale;
+
+impl Expiry<TokenKey, Arc<FreshToken>> for UntilStale {
+    fn expire_after_create(
+        &self,
+        _key: &TokenKey,
+        fresh: &Arc<FreshToken>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(fresh.time_until_stale())
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &TokenKey,
+        fresh: &Arc<FreshToken>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(fresh.time_until_stale())
+    }
+}
