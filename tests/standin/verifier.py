@@ -88,6 +88,7 @@ def moto_credentials(moto_url, akid):
     url = moto_url.rstrip("/") + "/moto-api/data.json"
     with urllib.request.urlopen(url, timeout=5) as resp:
         data = json.load(resp)
+    found = []
     for models in data.values():
         if not isinstance(models, dict):
             continue
@@ -100,11 +101,16 @@ def moto_credentials(moto_url, akid):
                     and obj.get("access_key_id") == akid
                     and obj.get("secret_access_key")
                 ):
-                    return {
-                        "secret": obj["secret_access_key"],
-                        "session_token": obj.get("session_token"),
-                    }
-    return None
+                    found.append(
+                        {
+                            "secret": obj["secret_access_key"],
+                            "session_token": obj.get("session_token"),
+                        }
+                    )
+    # moto also records an IAM access key (without the session token) for an STS-issued
+    # key id: the STS record, which has the session token, wins.
+    found.sort(key=lambda k: k["session_token"] is None)
+    return found[0] if found else None
 
 
 def lookup_key(cfg, akid):
