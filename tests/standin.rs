@@ -318,6 +318,27 @@ fn rotated_keys_and_killed_backends() {
     // The admin back door sees and kills backends.
     assert_eq!(s.psql_admin("SELECT 1"), "1");
     assert_eq!(s.terminate_backends("nobody"), 0);
+    let token = s.mint("app_user", &s.static_creds());
+    let mut cmd = std::process::Command::new(Testbed::locate().pg_bin("psql"));
+    cmd.args([
+        "-X",
+        "-c",
+        "SELECT pg_sleep(60)",
+        &s.conninfo("app_user", "appdb"),
+    ])
+    .env("PGPASSWORD", &token)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let mut client = ChildGuard::spawn(cmd, "psql pg_sleep");
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || s
+            .backend_count("app_user")
+            == 1),
+        "the sleeping client never showed up"
+    );
+    assert_eq!(s.terminate_backends("app_user"), 1);
+    assert!(wait_until(std::time::Duration::from_secs(10), || !client.is_running()));
+    assert!(!client.stop().unwrap().success());
 
     // Restart keeps port and data.
     let port = s.port();

@@ -11,6 +11,8 @@
 //! on the test's own thread (not on a helper thread that ends before the test does).
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs;
@@ -327,6 +329,13 @@ impl ChildGuard {
             policy,
             status: None,
         }
+    }
+
+    /// Spawns `cmd` as the unprivileged runner (when tests are root), e.g. the daemon under
+    /// test, which like PgBouncer must not run as root.
+    pub fn spawn_as_runner(mut cmd: Command, name: &str) -> ChildGuard {
+        as_runner(&mut cmd);
+        Self::spawn(cmd, name)
     }
 
     pub fn name(&self) -> &str {
