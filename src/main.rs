@@ -4,6 +4,7 @@ use aws_pgbouncer::daemon::Outcome;
 use aws_pgbouncer::token::{self, TokenKey};
 use aws_smithy_types::error::display::DisplayErrorContext;
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +13,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Token(args) => print_token(args).await,
+        Command::Check(args) => aws_pgbouncer::check::run(&args).await,
+        Command::Wait(args) => aws_pgbouncer::wait::run(&args).await,
         Command::Run(args) => {
             init_logging();
             let outcome = aws_pgbouncer::daemon::run(&args).await;
@@ -72,5 +75,6 @@ fn init_logging() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -34,9 +34,9 @@ async fn reload_forever(mut console: AdminConsole, mut requests: watch::Receiver
     loop {
         match console.version().await {
             Ok(version) => {
-                match version_warning(&version) {
-                    Some(warning) => tracing::warn!(%version, "{warning}"),
-                    None => tracing::info!(%version, "connected to PgBouncer's admin console"),
+                tracing::info!(%version, "connected to PgBouncer's admin console");
+                if let Some(warning) = version_warning(&version) {
+                    tracing::warn!(%version, "{warning}");
                 }
                 break;
             }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every test aws-pgbouncer has, after setting up what they need.
+#
+# The integration tests run a real PgBouncer against a real PostgreSQL that checks IAM
+# tokens as RDS does (the stand-in), with botocore as the independent token oracle: the
+# first step provisions all of that (idempotent; quick when already done). Tests that need
+# the test bed fail, never skip, when it is missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/provision.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

@@ -1,0 +1,199 @@
+//! Bad flags and bad configuration: a clear error, a non-zero exit, and nothing written.
+//! These run the real binary and need no test bed.
+
+mod support;
+
+use std::path::Path;
+use std::process::Output;
+use support::Creds;
+use support::daemon::command;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let creds = Creds::new("AKIDEXAMPLE", "not-a-real-secret", None);
+    let mut cmd = command(Some(&creds));
+    cmd.args(args);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    cmd.output().expect("run aws-pgbouncer")
+}
+
+fn assert_refused(output: &Output, code: i32, expected: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in: {stderr}"
+    );
+    assert!(
+        !stderr.contains("not-a-real-secret"),
+        "a secret leaked: {stderr}"
+    );
+}
+
+fn run_in(dir: &Path, config: &str, extra: &[&str]) -> Output {
+    let config_path = dir.join("bad.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let pgbouncer_dir = dir.join("out");
+    let mut args = vec![
+        "run",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--pgbouncer-dir",
+        pgbouncer_dir.to_str().unwrap(),
+    ];
+    if !extra.contains(&"--server-tls-mode") {
+        args.extend(["--server-tls-mode", "require"]);
+    }
+    args.extend_from_slice(extra);
+    let output = run(&args, &[]);
+    assert!(
+        !pgbouncer_dir.exists(),
+        "something was written before the error"
+    );
+    output
+}
+
+const ONE_DATABASE: &str = r#"
+[[databases]]
+host = "db.abc.eu-west-1.rds.amazonaws.com"
+dbname = "app"
+user = "app_user"
+"#;
+
+#[test]
+fn unknown_config_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_in(dir.path(), &format!("pool_sise = 3\n{ONE_DATABASE}"), &[]);
+    assert_refused(&output, 1, "unknown field `pool_sise`");
+    assert_refused(&output, 1, "line 1");
+}
+
+#[test]
+fn token_lifetime_over_900_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_in(dir.path(), ONE_DATABASE, &["--token-lifetime", "901"]);
+    assert_refused(&output, 1, "token lifetime 901 s is out of range");
+}
+
+#[test]
+fn a_missing_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_in(dir.path(), "token_lifetime = 60\n", &[]);
+    assert_refused(&output, 1, "no database configured");
+}
+
+#[test]
+fn settings_the_daemon_owns_cannot_be_overridden() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("[pgbouncer]\nauth_type = \"any\"\n{ONE_DATABASE}");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(
+        &output,
+        1,
+        "[pgbouncer] auth_type is set by aws-pgbouncer itself",
+    );
+}
+
+#[test]
+fn verify_full_needs_a_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_in(
+        dir.path(),
+        ONE_DATABASE,
+        &["--server-tls-mode", "verify-full"],
+    );
+    assert_refused(&output, 1, "needs --server-ca-file");
+}
+
+#[test]
+fn an_unwritable_directory_is_refused_before_anything_is_minted() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    let target = blocker.join("pgbouncer");
+    let output = run(
+        &[
+            "run",
+            "--host",
+            "db.abc.eu-west-1.rds.amazonaws.com",
+            "--dbname",
+            "app",
+            "--user",
+            "app_user",
+            "--server-tls-mode",
+            "require",
+            "--pgbouncer-dir",
+            target.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_refused(&output, 1, "cannot write");
+    assert!(!String::from_utf8_lossy(&output.stderr).contains("minted"));
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    assert_refused(
+        &run(&["run", "--mode", "magic"], &[]),
+        2,
+        "invalid value 'magic'",
+    );
+    assert_refused(
+        &run(
+            &[
+                "token",
+                "--host",
+                "h",
+                "--user",
+                "u",
+                "--region",
+                "r",
+                "--expires-in",
+                "901",
+            ],
+            &[],
+        ),
+        2,
+        "901 is not in 1..=900",
+    );
+    assert_refused(&run(&["token", "--host", "h"], &[]), 2, "--user");
+}
+
+#[test]
+fn a_token_without_any_region_is_refused() {
+    let output = run(&["token", "--host", "localhost", "--user", "app_user"], &[]);
+    assert_refused(&output, 1, "no AWS region for host localhost");
+}
+
+#[test]
+fn the_token_command_accepts_the_aws_cli_spellings() {
+    let output = run(
+        &[
+            "token",
+            "--hostname",
+            "MyDB.abc.eu-west-1.rds.amazonaws.com",
+            "--username",
+            "app_user",
+            "--port",
+            "5432",
+        ],
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        token.starts_with(
+            "MyDB.abc.eu-west-1.rds.amazonaws.com:5432/?Action=connect&DBUser=app_user&"
+        )
+    );
+    assert!(
+        token.contains("%2Feu-west-1%2Frds-db%2Faws4_request"),
+        "region from the host name"
+    );
+    assert!(token.ends_with('\n') && token.lines().count() == 1);
+}

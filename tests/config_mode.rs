@@ -1,0 +1,247 @@
+//! Config mode end to end: the real daemon supervising a real PgBouncer in front of the RDS
+//! stand-in, with 20-second tokens over more than three lifetimes.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use support::daemon::Daemon;
+use support::{Standin, free_port, test_dir, write_file};
+use tokio_postgres::NoTls;
+
+const LIFETIME_SECS: u64 = 20;
+const RUN_FOR: Duration = Duration::from_secs(3 * LIFETIME_SECS + 8);
+
+async fn connect(port: u16, user: &str, dbname: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname(dbname)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(NoTls)
+        .await
+        .map_err(|error| format!("connect {user}@{dbname}: {error}"))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+async fn scalar(client: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
+    let rows = client
+        .simple_query(sql)
+        .await
+        .map_err(|error| format!("{sql}: {error}"))?;
+    rows.iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| format!("{sql}: no row"))
+}
+
+/// Failures seen by the traffic generators, with what failed.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicUsize,
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn record(&self, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => self.failures.lock().unwrap().push(error),
+        }
+    }
+}
+
+fn config_file(work: &Path, standin: &Standin, listen_port: u16) -> std::path::PathBuf {
+    let path = work.join("aws-pgbouncer.toml");
+    let text = format!(
+        r#"
+token_lifetime = {LIFETIME_SECS}
+listen = "127.0.0.1:{listen_port}"
+server_ca_file = "{ca}"
+region = "us-east-1"
+
+[pgbouncer]
+pool_mode = "transaction"
+server_check_delay = 0
+max_client_conn = 200
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {port}
+dbname = "appdb"
+user = "app_user"
+
+[[databases]]
+name = "reports"
+host = "localhost"
+port = {port}
+dbname = "appdb"
+user = "reporter"
+options = {{ pool_mode = "session" }}
+"#,
+        ca = standin.ca_path().display(),
+        port = standin.port(),
+    );
+    write_file(&path, &text, 0o644);
+    path
+}
+
+/// Every file in the directory is 0600 and databases.ini is always whole: both entries, each
+/// with a token for its own user.
+fn check_files(dir: &Path) -> Result<(), String> {
+    for name in [
+        "pgbouncer.ini",
+        "databases.ini",
+        "userlist.txt",
+        "pg_hba.conf",
+    ] {
+        let path = dir.join(name);
+        let mode = fs::metadata(&path)
+            .map_err(|error| format!("{name}: {error}"))?
+            .permissions()
+            .mode();
+        if mode & 0o777 != 0o600 {
+            return Err(format!("{name} has mode {:o}", mode & 0o777));
+        }
+    }
+    let text = fs::read_to_string(dir.join("databases.ini")).map_err(|error| error.to_string())?;
+    let whole = text.contains("[databases]\n")
+        && text.ends_with('\n')
+        && text
+            .lines()
+            .filter(|line| line.starts_with("appdb = ") || line.starts_with("reports = "))
+            .filter(|line| line.contains("password='localhost:") && line.ends_with("'"))
+            .count()
+            == 2;
+    if whole {
+        Ok(())
+    } else {
+        Err("databases.ini is not whole".into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_rotate_under_traffic_without_a_single_failure() {
+    let standin = Standin::start();
+    let work = test_dir("config-mode");
+    let listen_port = free_port();
+    let config = config_file(work.path(), &standin, listen_port);
+    let mut daemon = Daemon::start(
+        work.path(),
+        &standin.static_creds(),
+        &["--supervise", "--config", config.to_str().unwrap()],
+    );
+    daemon.wait_for_log(
+        "connected to PgBouncer's admin console",
+        Duration::from_secs(30),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut tasks = Vec::new();
+
+    // New client connections all the time.
+    {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let outcome = async {
+                    let client = connect(listen_port, "app_user", "appdb").await?;
+                    let user = scalar(&client, "SELECT current_user").await?;
+                    (user == "app_user")
+                        .then_some(())
+                        .ok_or(format!("current_user {user}"))
+                }
+                .await;
+                tally.record(outcome);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }));
+    }
+    // One long-lived client querying every few seconds.
+    let long_lived = connect(listen_port, "app_user", "appdb").await.unwrap();
+    {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                tally.record(scalar(&long_lived, "SELECT 1").await.map(drop));
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        }));
+    }
+    // A session-mode client whose server connection must survive every reload.
+    let session = connect(listen_port, "reporter", "reports").await.unwrap();
+    let first_backend = scalar(&session, "SELECT pg_backend_pid()").await.unwrap();
+
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < RUN_FOR {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(error) = check_files(&daemon.pgbouncer_dir) {
+            panic!("{error}");
+        }
+        // Every ~5 s, kill app_user's idle server connections so PgBouncer must log in again.
+        if started.elapsed().as_secs() / 5 > kills {
+            kills += 1;
+            standin.psql_admin(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = 'app_user' AND state = 'idle'",
+            );
+        }
+    }
+    let same_backend = scalar(&session, "SELECT pg_backend_pid()").await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let failures = tally.failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "failed queries: {failures:#?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        tally.ok.load(Ordering::Relaxed) > 150,
+        "too little traffic to mean anything"
+    );
+    assert_eq!(
+        first_backend, same_backend,
+        "a reload dropped a server connection"
+    );
+
+    let reloads = daemon.count_in_log("PgBouncer reloaded");
+    assert!(
+        reloads >= 3,
+        "only {reloads} reloads in {RUN_FOR:?}:\n{}",
+        daemon.log()
+    );
+    // Fresh server logins happened all along, each with a token the verifier accepted.
+    let logins: Vec<_> = standin
+        .verifier_log()
+        .into_iter()
+        .filter(|entry| entry["user"] == "app_user")
+        .collect();
+    assert!(logins.len() >= 6, "only {} app_user logins", logins.len());
+    assert!(
+        logins.iter().all(|entry| entry["accepted"] == true),
+        "{logins:#?}"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(40))
+        .expect("daemon stops");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", daemon.log());
+}

@@ -1,0 +1,106 @@
+//! Runs the real `aws-pgbouncer` binary against the test bed, the way users run it.
+
+use super::{ChildGuard, Creds, StopPolicy, Testbed, as_runner, log_output_to, wait_until};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_aws-pgbouncer");
+
+/// A command for the daemon binary with a hermetic AWS environment: `creds` as the only
+/// credential source (no profile files, no IMDS), and nothing inherited from the caller.
+pub fn command(creds: Option<&Creds>) -> Command {
+    let mut cmd = Command::new(BINARY);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", "/tmp")
+        .env("RUST_LOG", "info")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        );
+    if let Some(creds) = creds {
+        cmd.env("AWS_ACCESS_KEY_ID", &creds.akid)
+            .env("AWS_SECRET_ACCESS_KEY", &creds.secret);
+        if let Some(token) = &creds.session_token {
+            cmd.env("AWS_SESSION_TOKEN", token);
+        }
+    }
+    cmd
+}
+
+/// `aws-pgbouncer run` as the unprivileged runner, its output in `work/daemon.log`.
+pub struct Daemon {
+    guard: ChildGuard,
+    log: PathBuf,
+    pub pgbouncer_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `run` with `args` (plus `--pgbouncer-dir work/pgbouncer`).
+    pub fn start(work: &Path, creds: &Creds, args: &[&str]) -> Daemon {
+        let pgbouncer_dir = work.join("pgbouncer");
+        let log = work.join("daemon.log");
+        let mut cmd = command(Some(creds));
+        cmd.arg("run")
+            .arg("--pgbouncer-dir")
+            .arg(&pgbouncer_dir)
+            .arg("--pgbouncer-bin")
+            .arg(&Testbed::locate().pgbouncer)
+            .args(args);
+        as_runner(&mut cmd);
+        log_output_to(&mut cmd, &log);
+        super::chown_to_runner(&log);
+        // SIGTERM to the daemon alone: it stops a supervised PgBouncer itself.
+        let policy = StopPolicy {
+            to_group: false,
+            grace: Duration::from_secs(40),
+            ..StopPolicy::default()
+        };
+        Daemon {
+            guard: ChildGuard::spawn_with(cmd, "aws-pgbouncer", policy),
+            log,
+            pgbouncer_dir,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn count_in_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits for `needle` in the log; panics with the log if it does not come, or if the
+    /// daemon exits first.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
+        let found = wait_until(timeout, || {
+            self.log().contains(needle) || !self.guard.is_running()
+        });
+        if !found || !self.log().contains(needle) {
+            panic!(
+                "daemon log lacks {needle:?} after {timeout:?} (running: {}):\n{}",
+                self.guard.is_running(),
+                self.log()
+            );
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.guard.is_running()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        self.guard.signal(signal);
+    }
+
+    /// Waits for the daemon to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || !self.guard.is_running());
+        self.guard.try_wait()
+    }
+}
