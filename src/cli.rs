@@ -16,6 +16,21 @@ pub enum Command {
     Token(TokenArgs),
     /// Run the daemon: keep PgBouncer supplied with fresh tokens.
     Run(Box<RunArgs>),
+    /// Log in to every configured database once with a fresh token, as `run` would, and
+    /// explain any failure. Takes the same flags as `run`.
+    Check(Box<RunArgs>),
+    /// Wait until a running daemon reports that it has started (its /startupz answers 200).
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The daemon's HTTP address.
+    #[arg(long, env = "AWS_PGBOUNCER_HTTP_LISTEN", default_value = "127.0.0.1:9090")]
+    pub http: String,
+    /// Give up after this many seconds (exit status 1).
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -6,11 +6,17 @@
 //! - [`token`] mints tokens and keeps them fresh;
 //! - [`config`] merges flags, environment and the TOML file into checked settings;
 //! - [`pgbouncer`] renders PgBouncer's files and talks to its admin console;
-//! - [`daemon`] ties them together for `aws-pgbouncer run`.
+//! - [`daemon`] ties them together for `aws-pgbouncer run`;
+//! - [`http`] and [`metrics`] serve probes and Prometheus metrics;
+//! - [`check`] and [`wait`] are the `check` and `wait` commands.
 
 pub mod backoff;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod http;
+pub mod metrics;
 pub mod pgbouncer;
 pub mod token;
+pub mod wait;
