@@ -55,13 +55,15 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
         });
         match outcome {
             Ok(timing) => println!(
-                "OK    {} ({target}): logged in in {} ms, SELECT 1 took {} ms",
+                "OK    {} ({target}): logged in in {:.1} ms, SELECT 1 took {:.1} ms",
                 database.name,
-                timing.login.as_millis(),
-                timing.query.as_millis()
+                timing.login.as_secs_f64() * 1000.0,
+                timing.query.as_secs_f64() * 1000.0
             ),
             Err(diagnosis) => {
                 failed += 1;
+                // The SDK's credential errors list each provider on a line of its own.
+                let diagnosis = diagnosis.split_whitespace().collect::<Vec<_>>().join(" ");
                 println!("FAIL  {} ({target}): {diagnosis}", database.name);
             }
         }

@@ -137,7 +137,7 @@ impl Metrics {
         // Every series exists from the start, so that rate() and alerts see the first event.
         let auth_query_requests = Family::<OneLabel, Counter>::default();
         for result in AuthQueryResult::ALL {
-            auth_query_requests.get_or_create(&[("result", result.label())]);
+            auth_query_requests.get_or_create_owned(&[("result", result.label())]);
         }
         registry.register(
             "aws_pgbouncer_auth_query_requests",
@@ -158,7 +158,7 @@ impl Metrics {
         );
         let endpoint_connections_total = Family::<OneLabel, Counter>::default();
         for outcome in ConnectionOutcome::ALL {
-            endpoint_connections_total.get_or_create(&[("outcome", outcome.label())]);
+            endpoint_connections_total.get_or_create_owned(&[("outcome", outcome.label())]);
         }
         registry.register(
             "aws_pgbouncer_endpoint_connections",
