@@ -15,6 +15,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod endpoint;
 pub mod http;
 pub mod metrics;
 pub mod pgbouncer;
