@@ -345,3 +345,16 @@ async fn wait_gives_up_with_the_reason() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_silent_client_is_cut_off() {
+    let server = start().await;
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), silent.read_to_end(&mut buffer))
+        .await
+        .expect("the server closes a connection that sends no request");
+    assert!(read.is_ok());
+    // The server still serves others.
+    assert_eq!(status(server.addr, "/healthz").await, 200);
+}
