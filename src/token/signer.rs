@@ -1,21 +1,360 @@
-//! Placeholder until the botocore-identical signer lands (issue 2).
+//! Mints RDS IAM tokens that are byte-identical to botocore's `generate_db_auth_token`.
+//!
+//! botocore is the reference because it is what RDS users already trust and what our tests can
+//! run as an oracle; `aws_sdk_rds::auth_token` disagrees with it for some users and hosts.
+//! `aws-sigv4` does the cryptography; this module only feeds it botocore's view of the request
+//! and lays the result out in botocore's order.
+
 use super::{AuthToken, TokenKey};
 use aws_credential_types::Credentials;
-use std::time::{Duration, SystemTime};
+use aws_sigv4::http_request::{
+    SignableBody, SignableRequest, SignatureLocation, SigningError, SigningSettings, sign,
+};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// PgBouncer keeps passwords in a 2048-byte buffer that includes the NUL and truncates longer
+/// ones without a word, so a longer token would fail at RDS with no hint of why.
 pub const MAX_TOKEN_BYTES: usize = 2047;
 
+/// RDS refuses tokens whose X-Amz-Expires is above 15 minutes.
+const MAX_EXPIRES_IN_SECS: u64 = 900;
+
+/// botocore's `percent_encode`: everything but RFC 3986's unreserved characters. `aws-sigv4`
+/// re-encodes query values with the same set, so a value encoded here signs as botocore signs it.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The auth parameters in the order botocore writes them, which differs from both the canonical
+/// (sorted) order and the order `aws-sigv4` returns them in.
+const BOTOCORE_PARAM_ORDER: [&str; 7] = [
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Security-Token",
+    "X-Amz-Signature",
+];
+
+/// Messages name lengths and key fields only: a token, secret key or session token in an error
+/// would end up in logs.
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
-    #[error("token signing failed")]
-    Signing,
+    #[error(
+        "expires_in must be a whole number of seconds from 1 to {MAX_EXPIRES_IN_SECS} \
+         (RDS's X-Amz-Expires limit), got {0:?}"
+    )]
+    ExpiresIn(Duration),
+    #[error("signing time is before 1970, which X-Amz-Date cannot express")]
+    BeforeEpoch,
+    #[error(
+        "host {0:?} is not a DNS name or IPv4 address (letters, digits, '-', '.', '_'); \
+         botocore would sign such a host differently, so no token is minted for it"
+    )]
+    InvalidHost(String),
+    #[error("region {0:?} is not an AWS region name (lower-case letters, digits and '-')")]
+    InvalidRegion(String),
+    #[error(
+        "token is {len} bytes, over PgBouncer's {MAX_TOKEN_BYTES}-byte password limit \
+         (PgBouncer would truncate it silently and RDS would refuse the login); {cause}"
+    )]
+    TooLong { len: usize, cause: String },
+    #[error("SigV4 signing failed")]
+    Signing(#[source] SigningError),
 }
 
+/// Signs a token for `key` as of `signed_at`, valid for `expires_in`.
+///
+/// The time is a parameter, not read here, so that callers can reason about expiry and tests can
+/// compare against botocore with a frozen clock. `signed_at` is truncated to whole seconds
+/// because X-Amz-Date is, and `expires_at` must describe the token RDS will actually see.
 pub fn mint(
-    _credentials: &Credentials,
-    _key: &TokenKey,
-    _signed_at: SystemTime,
-    _expires_in: Duration,
+    credentials: &Credentials,
+    key: &TokenKey,
+    signed_at: SystemTime,
+    expires_in: Duration,
 ) -> Result<AuthToken, MintError> {
-    Err(MintError::Signing)
+    if expires_in.subsec_nanos() != 0 || !(1..=MAX_EXPIRES_IN_SECS).contains(&expires_in.as_secs())
+    {
+        return Err(MintError::ExpiresIn(expires_in));
+    }
+    check_host(&key.host)?;
+    check_region(&key.region)?;
+    let since_epoch = signed_at
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| MintError::BeforeEpoch)?;
+    let signed_at = UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs());
+
+    // Shared by the URL we sign and the token we hand out; only the host differs between them.
+    let mut path_and_action = String::with_capacity(64 + 3 * key.user.len());
+    write!(
+        path_and_action,
+        ":{}/?Action=connect&DBUser={}",
+        key.port,
+        utf8_percent_encode(&key.user, UNRESERVED)
+    )
+    .expect("writing to a String cannot fail");
+
+    // botocore signs the host as `urlsplit` reports it: lower-cased, and without the port when
+    // it is the scheme's default (443 for the https:// it prefixes). `aws-sigv4` drops a default
+    // port too, but keeps the case, so the lower-casing happens here.
+    let mut signed_url = String::with_capacity(8 + key.host.len() + path_and_action.len());
+    signed_url.push_str("https://");
+    signed_url.extend(key.host.chars().map(|c| c.to_ascii_lowercase()));
+    signed_url.push_str(&path_and_action);
+
+    let identity = Identity::from(credentials.clone());
+    let mut settings = SigningSettings::default();
+    settings.signature_location = SignatureLocation::QueryParams;
+    settings.expires_in = Some(expires_in);
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(&key.region)
+        .name("rds-db")
+        .time(signed_at)
+        .settings(settings)
+        .build()
+        .expect("every required signing parameter is set")
+        .into();
+    let request =
+        SignableRequest::new("GET", signed_url, std::iter::empty(), SignableBody::empty())
+            .map_err(MintError::Signing)?;
+    let (instructions, _signature) = sign(request, &params)
+        .map_err(MintError::Signing)?
+        .into_parts();
+    let (_headers, auth_params) = instructions.into_parts();
+
+    let mut text = String::with_capacity(
+        key.host.len()
+            + path_and_action.len()
+            + 300
+            + 3 * credentials.session_token().map_or(0, str::len),
+    );
+    text.push_str(&key.host);
+    text.push_str(&path_and_action);
+    for name in BOTOCORE_PARAM_ORDER {
+        if let Some((_, value)) = auth_params.iter().find(|(n, _)| *n == name) {
+            write!(text, "&{name}={}", utf8_percent_encode(value, UNRESERVED))
+                .expect("writing to a String cannot fail");
+        }
+    }
+
+    if text.len() > MAX_TOKEN_BYTES {
+        return Err(too_long(text.len(), credentials.session_token()));
+    }
+    Ok(AuthToken::new(text, signed_at, signed_at + expires_in))
+}
+
+/// A host that `http::Uri` and Python's `urlsplit` could parse differently (userinfo, brackets,
+/// paths) would break byte-identity, and no RDS endpoint needs such characters.
+fn check_host(host: &str) -> Result<(), MintError> {
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if valid {
+        Ok(())
+    } else {
+        Err(MintError::InvalidHost(host.to_owned()))
+    }
+}
+
+/// Neither botocore nor `aws-sigv4` checks the region it puts in the credential scope; a typo
+/// would surface only as a refused login, far from its cause.
+fn check_region(region: &str) -> Result<(), MintError> {
+    let valid = !region.is_empty()
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(MintError::InvalidRegion(region.to_owned()))
+    }
+}
+
+fn too_long(len: usize, session_token: Option<&str>) -> MintError {
+    let cause = match session_token {
+        Some(token) => format!(
+            "the session token alone takes {} bytes of it once percent-encoded; likely cause: \
+             a long session token (many session tags, a large session policy or role chaining)",
+            utf8_percent_encode(token, UNRESERVED)
+                .map(str::len)
+                .sum::<usize>()
+        ),
+        None => "likely cause: a very long user or host name (each non-ASCII byte of the user \
+                 name takes 3 bytes once percent-encoded)"
+            .to_owned(),
+    };
+    MintError::TooLong { len, cause }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+
+    fn key() -> TokenKey {
+        TokenKey {
+            host: "mydb.cluster-abc123.us-east-1.rds.amazonaws.com".into(),
+            port: 5432,
+            user: "app_user".into(),
+            region: "us-east-1".into(),
+        }
+    }
+
+    fn creds(session_token: Option<&str>) -> Credentials {
+        Credentials::new(
+            "AKIAIOSFODNN7EXAMPLE",
+            SECRET,
+            session_token.map(str::to_owned),
+            None,
+            "test",
+        )
+    }
+
+    fn at() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_724_709_600)
+    }
+
+    #[test]
+    fn expires_in_out_of_range_is_refused() {
+        for bad in [
+            Duration::ZERO,
+            Duration::from_millis(500),
+            Duration::from_millis(1500),
+            Duration::from_secs(901),
+            Duration::from_secs(86_400),
+        ] {
+            let err = mint(&creds(None), &key(), at(), bad).unwrap_err();
+            assert!(
+                matches!(err, MintError::ExpiresIn(d) if d == bad),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("1 to 900"), "{err}");
+        }
+        for good in [1, 60, 900] {
+            let token = mint(&creds(None), &key(), at(), Duration::from_secs(good)).unwrap();
+            assert!(token.expose().contains(&format!("&X-Amz-Expires={good}&")));
+        }
+    }
+
+    #[test]
+    fn expires_at_counts_from_the_truncated_signing_time() {
+        let token = mint(
+            &creds(None),
+            &key(),
+            at() + Duration::from_millis(999),
+            Duration::from_secs(900),
+        )
+        .unwrap();
+        assert_eq!(token.signed_at, at());
+        assert_eq!(token.expires_at, at() + Duration::from_secs(900));
+    }
+
+    #[test]
+    fn too_long_token_is_refused_and_blames_the_session_token() {
+        let session_token = "A".repeat(2000);
+        let err = mint(
+            &creds(Some(&session_token)),
+            &key(),
+            at(),
+            Duration::from_secs(900),
+        )
+        .unwrap_err();
+        let MintError::TooLong { len, .. } = err else {
+            panic!("expected TooLong, got {err:?}");
+        };
+        assert!(len > MAX_TOKEN_BYTES);
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("token is {len} bytes")),
+            "{message}"
+        );
+        assert!(message.contains("2047-byte"), "{message}");
+        assert!(message.contains("long session token"), "{message}");
+        assert!(message.contains("2000 bytes"), "{message}");
+    }
+
+    #[test]
+    fn token_just_under_the_limit_is_accepted() {
+        let base = mint(&creds(Some("")), &key(), at(), Duration::from_secs(900))
+            .unwrap()
+            .expose()
+            .len();
+        let fits = "A".repeat(MAX_TOKEN_BYTES - base);
+        let token = mint(&creds(Some(&fits)), &key(), at(), Duration::from_secs(900)).unwrap();
+        assert_eq!(token.expose().len(), MAX_TOKEN_BYTES);
+        let over = "A".repeat(MAX_TOKEN_BYTES - base + 1);
+        let err = mint(&creds(Some(&over)), &key(), at(), Duration::from_secs(900)).unwrap_err();
+        assert!(matches!(err, MintError::TooLong { len, .. } if len == MAX_TOKEN_BYTES + 1));
+    }
+
+    #[test]
+    fn bad_host_and_region_are_refused() {
+        for host in ["", "user@host", "host/path", "[::1]", "h ost", "hôst"] {
+            let k = TokenKey {
+                host: host.into(),
+                ..key()
+            };
+            let err = mint(&creds(None), &k, at(), Duration::from_secs(900)).unwrap_err();
+            assert!(matches!(err, MintError::InvalidHost(_)), "{host}: {err:?}");
+        }
+        for region in ["", "US-EAST-1", "us east 1", "us-east-1/x"] {
+            let k = TokenKey {
+                region: region.into(),
+                ..key()
+            };
+            let err = mint(&creds(None), &k, at(), Duration::from_secs(900)).unwrap_err();
+            assert!(
+                matches!(err, MintError::InvalidRegion(_)),
+                "{region}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_and_tokens_never_show_secrets() {
+        let session_token = format!("SESSIONTOKEN{}", "Zx9".repeat(700));
+        let c = creds(Some(&session_token));
+        let token = mint(
+            &creds(Some("SESSIONTOKENshort")),
+            &key(),
+            at(),
+            Duration::from_secs(900),
+        )
+        .unwrap();
+        let signature = token.expose().rsplit('=').next().unwrap().to_owned();
+        let errors = [
+            mint(&c, &key(), at(), Duration::from_secs(901)).unwrap_err(),
+            mint(&c, &key(), at(), Duration::from_secs(900)).unwrap_err(),
+            mint(
+                &c,
+                &key(),
+                UNIX_EPOCH - Duration::from_secs(1),
+                Duration::from_secs(1),
+            )
+            .unwrap_err(),
+        ];
+        let mut shown: Vec<String> = errors
+            .iter()
+            .flat_map(|e| [format!("{e}"), format!("{e:?}"), format!("{e:#?}")])
+            .collect();
+        shown.push(format!("{token:?}"));
+        shown.push(format!("{token:#?}"));
+        for text in &shown {
+            for secret in [SECRET, "SESSIONTOKEN", "X-Amz-Signature", &signature] {
+                assert!(!text.contains(secret), "{secret:?} leaked in {text}");
+            }
+            assert!(!text.contains(token.expose()), "token leaked in {text}");
+        }
+    }
 }
