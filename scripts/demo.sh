@@ -27,6 +27,7 @@ PG_BINDIR=$(sed -n 's/^pg_bindir=//p' "$TESTBED/ready")
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 STANDIN_PORT=$(free_port)
 LISTEN_PORT=$(free_port)
+HTTP_PORT=$(free_port)
 WORK=$(mktemp -d /tmp/aws-pgbouncer-demo.XXXXXX)
 chmod 0755 "$WORK"
 # PgBouncer refuses to run as root; so does the daemon that supervises it here.
@@ -62,11 +63,13 @@ say "starting aws-pgbouncer (config mode, supervising PgBouncer) with $LIFETIME-
     "$AWS_PGBOUNCER_BIN" run --supervise --pgbouncer-bin "$TESTBED/bin/pgbouncer" \
     --pgbouncer-dir "$WORK/pgbouncer" --listen "127.0.0.1:$LISTEN_PORT" \
     --server-ca-file "$WORK/standin/ca.crt" --token-lifetime "$LIFETIME" \
+    --http-listen "127.0.0.1:$HTTP_PORT" \
     2> >(sed -u 's/^/  [aws-pgbouncer] /' >&2) &
 pids+=($!)
 until "$PG_BINDIR/pg_isready" -q -h 127.0.0.1 -p "$LISTEN_PORT"; do sleep 0.2; done
 
 say "psql through PgBouncer: psql -h 127.0.0.1 -p $LISTEN_PORT -U app_user appdb (no password)"
+say "probes and metrics: curl http://127.0.0.1:$HTTP_PORT/readyz (and /metrics)"
 started=$(date +%s)
 round=0
 while :; do

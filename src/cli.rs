@@ -26,7 +26,11 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct WaitArgs {
     /// The daemon's HTTP address.
-    #[arg(long, env = "AWS_PGBOUNCER_HTTP_LISTEN", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "AWS_PGBOUNCER_HTTP_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
     pub http: String,
     /// Give up after this many seconds (exit status 1).
     #[arg(long, default_value_t = 60)]
@@ -137,4 +141,31 @@ pub struct RunArgs {
     /// The PgBouncer executable that --supervise starts.
     #[arg(long, env = "AWS_PGBOUNCER_PGBOUNCER_BIN", default_value = "pgbouncer")]
     pub pgbouncer_bin: std::path::PathBuf,
+    /// Where /healthz, /readyz, /startupz and /metrics are served.
+    #[arg(
+        long,
+        env = "AWS_PGBOUNCER_HTTP_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub http_listen: String,
+    /// After SIGTERM, keep serving (with /readyz at 503) this many seconds, so that load
+    /// balancers and the app stop sending new work first.
+    #[arg(long, env = "AWS_PGBOUNCER_MIN_SHUTDOWN_DELAY", default_value_t = 0)]
+    pub min_shutdown_delay: u64,
+    /// After SIGTERM, be gone within this many seconds; a supervised PgBouncer that has not
+    /// finished its server work by then is killed.
+    #[arg(long, env = "AWS_PGBOUNCER_MAX_SHUTDOWN_DELAY", default_value_t = 30)]
+    pub max_shutdown_delay: u64,
+    /// Exit 0 instead of 143 after SIGTERM (for Kubernetes Jobs).
+    #[arg(long, env = "AWS_PGBOUNCER_EXIT_ZERO_ON_SIGTERM")]
+    pub exit_zero_on_sigterm: bool,
+    /// Log line format.
+    #[arg(long, env = "AWS_PGBOUNCER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }

@@ -4,7 +4,6 @@ use aws_pgbouncer::daemon::Outcome;
 use aws_pgbouncer::token::{self, TokenKey};
 use aws_smithy_types::error::display::DisplayErrorContext;
 use clap::Parser;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -16,14 +15,14 @@ async fn main() -> ExitCode {
         Command::Check(args) => aws_pgbouncer::check::run(&args).await,
         Command::Wait(args) => aws_pgbouncer::wait::run(&args).await,
         Command::Run(args) => {
-            init_logging();
+            aws_pgbouncer::daemon::init_logging(args.log_format);
             let outcome = aws_pgbouncer::daemon::run(&args).await;
             match &outcome {
                 Outcome::Failed(message) | Outcome::PgBouncerExited(message) => {
                     tracing::error!("{message}");
                     eprintln!("aws-pgbouncer: {message}");
                 }
-                Outcome::Signalled(_) => {}
+                Outcome::Signalled { .. } => {}
             }
             return outcome.exit_code();
         }
@@ -66,15 +65,4 @@ async fn print_token(args: TokenArgs) -> Result<(), String> {
     .map_err(|error| error.to_string())?;
     println!("{}", minted.expose());
     Ok(())
-}
-
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }

@@ -1,19 +1,37 @@
 //! The `run` command: the long-lived daemon.
+//!
+//! Start-up order matters for the probes: settings are checked and the directory and HTTP
+//! port claimed before any token is minted, so that bad input fails at once; `/startupz`
+//! turns green only once PgBouncer has re-read files holding the first tokens.
 
 mod config_mode;
 mod reloader;
+mod state;
 
-use crate::cli::RunArgs;
+use crate::cli::{LogFormat, RunArgs};
 use crate::config::Settings;
+use crate::http;
+use crate::metrics::Metrics;
+use crate::pgbouncer::admin::AdminConsole;
+use crate::pgbouncer::files::{load_or_create_secret, prepare_dir};
+use crate::pgbouncer::supervise::Supervised;
+use crate::token::{CredentialCache, TokenSource, default_chain};
+use config_mode::ConfigMode;
+use reloader::Reloader;
+use state::DaemonState;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
+
+const ADMIN_SECRET_FILE: &str = "admin-secret";
 
 /// Why the daemon ended, which decides its exit code so that orchestrators can tell a crash
 /// from an ordered stop.
 #[derive(Debug)]
 pub enum Outcome {
     /// Stopped by SIGTERM or SIGINT.
-    Signalled(i32),
+    Signalled { signal: i32, exit_zero: bool },
     /// The supervised PgBouncer exited on its own.
     PgBouncerExited(String),
     /// Bad settings or an unrecoverable error.
@@ -23,11 +41,58 @@ pub enum Outcome {
 impl Outcome {
     pub fn exit_code(&self) -> ExitCode {
         match self {
+            Outcome::Signalled {
+                exit_zero: true, ..
+            } => ExitCode::SUCCESS,
             // The shell's convention, which Kubernetes and docker report as such.
-            Outcome::Signalled(signal) => ExitCode::from(128 + *signal as u8),
+            Outcome::Signalled { signal, .. } => ExitCode::from(128 + *signal as u8),
             Outcome::PgBouncerExited(_) => ExitCode::from(3),
             Outcome::Failed(_) => ExitCode::FAILURE,
         }
+    }
+}
+
+/// Libraries whose trace output carries secrets: aws-sigv4 logs canonical requests with the
+/// session token, the smithy runtime logs whole HTTP responses (credentials from STS, IMDS or
+/// the container endpoint), and the network crates log the bytes they move. They never log
+/// below debug, whatever `RUST_LOG` says; `tests/operability.rs` scans a trace-level run.
+const CAPPED_AT_DEBUG: &[&str] = &[
+    "aws_config",
+    "aws_runtime",
+    "aws_sigv4",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "postgres_protocol",
+    "rustls",
+    "tokio_postgres",
+];
+
+/// One line per event on stderr, levels from `RUST_LOG` (default info), within the caps.
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let requested = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let caps = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_targets(
+            CAPPED_AT_DEBUG
+                .iter()
+                .map(|target| (*target, LevelFilter::DEBUG)),
+        );
+    let registry = tracing_subscriber::registry().with(caps).with(requested);
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => registry.with(lines.json().flatten_event(true)).init(),
+        LogFormat::Text => registry
+            .with(lines.with_ansi(std::io::stderr().is_terminal()))
+            .init(),
     }
 }
 
@@ -36,10 +101,143 @@ pub async fn run(args: &RunArgs) -> Outcome {
         Ok(settings) => settings,
         Err(message) => return Outcome::Failed(message),
     };
-    let supervise = args.supervise.then_some(args.pgbouncer_bin.as_path());
-    config_mode::run(settings, supervise, Signals::install())
+    run_with(settings, args, Signals::install())
         .await
         .unwrap_or_else(Outcome::Failed)
+}
+
+async fn run_with(
+    settings: Settings,
+    args: &RunArgs,
+    mut signals: Signals,
+) -> Result<Outcome, String> {
+    prepare_dir(&settings.pgbouncer_dir).map_err(|error| error.to_string())?;
+    let dir = settings
+        .pgbouncer_dir
+        .canonicalize()
+        .map_err(|error| format!("{}: {error}", settings.pgbouncer_dir.display()))?;
+    let admin_secret =
+        load_or_create_secret(&dir, ADMIN_SECRET_FILE).map_err(|error| error.to_string())?;
+    let http_listener = tokio::net::TcpListener::bind(&args.http_listen)
+        .await
+        .map_err(|error| format!("cannot listen on {} for HTTP: {error}", args.http_listen))?;
+
+    // STS needs a region for web identity; the first database's is as good as any.
+    let provider = default_chain(&settings.databases[0].target.region).await;
+    let source = TokenSource::new(
+        CredentialCache::new(provider, settings.token_lifetime),
+        settings.token_lifetime,
+    );
+    let targets = settings
+        .databases
+        .iter()
+        .map(|db| db.target.clone())
+        .collect();
+    let state = Arc::new(DaemonState::new(source.clone(), targets));
+    let weak_source = Arc::downgrade(&source);
+    let metrics = Arc::new(Metrics::new(&settings.databases, move || {
+        weak_source
+            .upgrade()
+            .map(|source| source.health())
+            .unwrap_or_default()
+    }));
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(http::serve(
+        http_listener,
+        state.clone(),
+        metrics.clone(),
+        async move {
+            let _ = http_stopped.await;
+        },
+    ));
+
+    let mut generations = source.subscribe();
+    let mut mode = tokio::select! {
+        mode = ConfigMode::start(&settings, &dir, &admin_secret, &source) => mode?,
+        stop = signals.next_stop() => return Ok(stop.outcome(args)),
+    };
+    metrics.set_credentials_expiry(mode.credentials_expiry());
+
+    let reloader = Reloader::spawn(
+        AdminConsole::new(settings.listen, &admin_secret),
+        state.clone(),
+        metrics.clone(),
+    );
+    let mut child = match args.supervise {
+        true => Some(Supervised::start(&args.pgbouncer_bin, &mode.ini_path())?),
+        false => None,
+    };
+    // A PgBouncer that was already running still holds whatever it read before; one that
+    // just started has read these files, and the RELOAD confirms it for /startupz.
+    reloader.request();
+
+    let mut stopping: Option<Stopping> = None;
+    loop {
+        let linger = async {
+            match &stopping {
+                Some(stopping) => tokio::time::sleep_until(stopping.linger_until.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    return Err("the token source stopped".into());
+                }
+                if mode.on_new_tokens(&source).await {
+                    reloader.request();
+                }
+                metrics.set_credentials_expiry(mode.credentials_expiry());
+            }
+            received = signals.next() => match received {
+                Received::Stop(stop) => match &stopping {
+                    // A second stop signal cuts the lingering short.
+                    Some(_) => break,
+                    None => {
+                        tracing::info!(signal = stop.signal, min_delay_secs = args.min_shutdown_delay, "stopping: readiness is now 503");
+                        state.mark_stopping();
+                        stopping = Some(Stopping {
+                            stop,
+                            began: Instant::now(),
+                            linger_until: Instant::now() + Duration::from_secs(args.min_shutdown_delay),
+                        });
+                    }
+                },
+                Received::Hangup => {
+                    tracing::info!("SIGHUP: minting fresh tokens");
+                    mode.refresh_now(&source).await;
+                }
+            },
+            () = linger => break,
+            status = exited(&mut child) => {
+                let status = status.map_or_else(|error| error.to_string(), |status| status.to_string());
+                return Ok(Outcome::PgBouncerExited(format!("PgBouncer exited: {status}")));
+            }
+        }
+    }
+    let stopping = stopping.expect("the loop ends only when stopping");
+    if let Some(child) = child.as_mut() {
+        let bound = Duration::from_secs(args.max_shutdown_delay)
+            .saturating_sub(stopping.began.elapsed())
+            .max(Duration::from_secs(1));
+        let status = child.stop(bound).await;
+        tracing::info!(?status, "PgBouncer stopped");
+    }
+    let _ = http_stop.send(());
+    Ok(stopping.stop.outcome(args))
+}
+
+struct Stopping {
+    stop: Stop,
+    began: Instant,
+    linger_until: Instant,
+}
+
+async fn exited(child: &mut Option<Supervised>) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(child) => child.exited().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The signals the daemon acts on, installed once at start so that none is lost to the
@@ -50,8 +248,22 @@ pub struct Signals {
     hangup: tokio::signal::unix::Signal,
 }
 
+#[derive(Clone, Copy)]
+pub struct Stop {
+    signal: i32,
+}
+
+impl Stop {
+    fn outcome(self, args: &RunArgs) -> Outcome {
+        Outcome::Signalled {
+            signal: self.signal,
+            exit_zero: args.exit_zero_on_sigterm && self.signal == libc::SIGTERM,
+        }
+    }
+}
+
 pub enum Received {
-    Stop(i32),
+    Stop(Stop),
     Hangup,
 }
 
@@ -65,11 +277,20 @@ impl Signals {
         }
     }
 
-    pub async fn next(&mut self) -> Received {
+    async fn next(&mut self) -> Received {
         tokio::select! {
-            _ = self.terminate.recv() => Received::Stop(libc::SIGTERM),
-            _ = self.interrupt.recv() => Received::Stop(libc::SIGINT),
+            _ = self.terminate.recv() => Received::Stop(Stop { signal: libc::SIGTERM }),
+            _ = self.interrupt.recv() => Received::Stop(Stop { signal: libc::SIGINT }),
             _ = self.hangup.recv() => Received::Hangup,
+        }
+    }
+
+    /// The next stop signal; SIGHUP before start-up has nothing to refresh yet.
+    async fn next_stop(&mut self) -> Stop {
+        loop {
+            if let Received::Stop(stop) = self.next().await {
+                return stop;
+            }
         }
     }
 }

@@ -1,15 +1,20 @@
-//! Tells PgBouncer to re-read its files, until it has.
+//! Tells PgBouncer to re-read its files, until it has, and keeps checking that it answers.
 //!
 //! A reload that fails (PgBouncer not up yet, restarting, or refusing) is retried with
 //! back-off; a newer request simply joins the one in progress, since one RELOAD reads the
 //! newest files.
 
+use super::state::DaemonState;
 use crate::backoff;
+use crate::metrics::Metrics;
 use crate::pgbouncer::admin::{AdminConsole, version_warning};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 const RETRY_CAP: Duration = Duration::from_secs(15);
+/// How often an idle daemon checks that PgBouncer still answers, for readiness.
+const PING_EVERY: Duration = Duration::from_secs(10);
 
 pub struct Reloader {
     requests: watch::Sender<u64>,
@@ -18,9 +23,14 @@ pub struct Reloader {
 impl Reloader {
     /// Starts the task. It first waits for the admin console to answer `SHOW VERSION`, and
     /// warns about PgBouncer versions this daemon cannot serve well.
-    pub fn spawn(console: AdminConsole) -> Self {
+    pub fn spawn(console: AdminConsole, state: Arc<DaemonState>, metrics: Arc<Metrics>) -> Self {
         let (requests, receiver) = watch::channel(0);
-        tokio::spawn(reload_forever(console, receiver));
+        let task = Task {
+            console,
+            state,
+            metrics,
+        };
+        tokio::spawn(task.run(receiver));
         Self { requests }
     }
 
@@ -29,42 +39,84 @@ impl Reloader {
     }
 }
 
-async fn reload_forever(mut console: AdminConsole, mut requests: watch::Receiver<u64>) {
-    let mut failures = 0;
-    loop {
-        match console.version().await {
-            Ok(version) => {
-                tracing::info!(%version, "connected to PgBouncer's admin console");
-                if let Some(warning) = version_warning(&version) {
-                    tracing::warn!(%version, "{warning}");
+struct Task {
+    console: AdminConsole,
+    state: Arc<DaemonState>,
+    metrics: Arc<Metrics>,
+}
+
+impl Task {
+    async fn run(mut self, mut requests: watch::Receiver<u64>) {
+        self.await_console().await;
+        loop {
+            tokio::select! {
+                changed = requests.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.reload_until_done(&mut requests).await;
                 }
-                break;
-            }
-            Err(error) => {
-                failures += 1;
-                tracing::warn!(%error, "PgBouncer's admin console is not answering yet");
-                tokio::time::sleep(backoff::delay(failures, RETRY_CAP)).await;
+                () = tokio::time::sleep(PING_EVERY) => self.ping().await,
             }
         }
     }
-    while requests.changed().await.is_ok() {
+
+    async fn await_console(&mut self) {
+        let mut failures = 0;
+        loop {
+            match self.console.version().await {
+                Ok(version) => {
+                    tracing::info!(%version, "connected to PgBouncer's admin console");
+                    if let Some(warning) = version_warning(&version) {
+                        tracing::warn!(%version, "{warning}");
+                    }
+                    self.state.pgbouncer_answered();
+                    return;
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "PgBouncer's admin console is not answering yet");
+                    self.state.pgbouncer_failed(error.to_string());
+                    tokio::time::sleep(backoff::delay(failures, RETRY_CAP)).await;
+                }
+            }
+        }
+    }
+
+    async fn reload_until_done(&mut self, requests: &mut watch::Receiver<u64>) {
         let mut failures = 0;
         loop {
             requests.borrow_and_update();
             let started = Instant::now();
-            match console.reload().await {
+            let outcome = self.console.reload().await;
+            self.metrics
+                .reload_finished(started.elapsed(), outcome.is_ok());
+            match outcome {
                 Ok(()) => {
                     tracing::info!(
                         duration_ms = started.elapsed().as_millis() as u64,
                         "PgBouncer reloaded"
                     );
-                    break;
+                    self.state.pgbouncer_answered();
+                    self.state.mark_started();
+                    return;
                 }
                 Err(error) => {
                     failures += 1;
                     tracing::warn!(%error, failures, "PgBouncer reload failed; retrying");
+                    self.state.pgbouncer_failed(error.to_string());
                     tokio::time::sleep(backoff::delay(failures, RETRY_CAP)).await;
                 }
+            }
+        }
+    }
+
+    async fn ping(&mut self) {
+        match self.console.version().await {
+            Ok(_) => self.state.pgbouncer_answered(),
+            Err(error) => {
+                tracing::warn!(%error, "PgBouncer's admin console stopped answering");
+                self.state.pgbouncer_failed(error.to_string());
             }
         }
     }

@@ -4,13 +4,14 @@
 //! token is never readable by others even for a moment), flushed to disk, then renamed over
 //! the old one. A failed write leaves the old file in place and PgBouncer keeps running on it.
 
+use secrecy::SecretString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write {path}: {source}")]
+#[error("cannot write or read {path}: {source}")]
 pub struct WriteError {
     path: PathBuf,
     source: std::io::Error,
@@ -58,6 +59,27 @@ pub fn prepare_dir(dir: &Path) -> Result<(), WriteError> {
         .map_err(error)
 }
 
+/// A random secret kept in `dir/name` (0600), created on first use. It survives daemon
+/// restarts: a PgBouncer that keeps running holds the old userlist until it reloads, and
+/// only the old secret can make it reload.
+pub fn load_or_create_secret(dir: &Path, name: &str) -> Result<SecretString, WriteError> {
+    let path = dir.join(name);
+    match fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => {
+            return Ok(SecretString::from(text.trim().to_owned()));
+        }
+        Ok(_) => {}
+        Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+            return Err(WriteError { path, source });
+        }
+        Err(_) => {}
+    }
+    let bytes: [u8; 32] = rand::random();
+    let secret: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    write_atomically(dir, name, secret.as_bytes())?;
+    Ok(SecretString::from(secret))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +110,20 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("a.ini/keep")).unwrap(), b"old");
         let leftovers: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "the temporary file must be removed");
+    }
+
+    #[test]
+    fn a_secret_is_created_once_and_then_kept() {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_secret(dir.path(), "s").unwrap();
+        let again = load_or_create_secret(dir.path(), "s").unwrap();
+        assert_eq!(first.expose_secret(), again.expose_secret());
+        assert_eq!(first.expose_secret().len(), 64);
+        let mode = fs::metadata(dir.path().join("s"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

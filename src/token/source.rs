@@ -34,6 +34,8 @@ pub struct FreshToken {
     pub usable_until: SystemTime,
     /// When the background task mints the successor.
     pub refresh_at: SystemTime,
+    /// When the signing credentials expire; `None` for keys without an expiry.
+    pub credentials_expiry: Option<SystemTime>,
     /// From here on the token is too close to death to hand out.
     stale_at: SystemTime,
 }
@@ -206,7 +208,12 @@ impl TokenSource {
         let usable_until = credentials
             .expiry()
             .map_or(token.expires_at, |expiry| expiry.min(token.expires_at));
-        Ok(schedule(token, usable_until, self.lifetime))
+        Ok(schedule(
+            token,
+            usable_until,
+            credentials.expiry(),
+            self.lifetime,
+        ))
     }
 
     fn spawn_refresher(self: &Arc<Self>, key: TokenKey) {
@@ -252,7 +259,12 @@ impl TokenSource {
 
 /// Places the refresh point at 55–65 % of the token's usable life (the jitter keeps many keys
 /// from refreshing in lock-step) and the stale point a tenth of the lifetime before its end.
-fn schedule(token: AuthToken, usable_until: SystemTime, lifetime: Duration) -> FreshToken {
+fn schedule(
+    token: AuthToken,
+    usable_until: SystemTime,
+    credentials_expiry: Option<SystemTime>,
+    lifetime: Duration,
+) -> FreshToken {
     let life = usable_until
         .duration_since(token.signed_at)
         .unwrap_or_default();
@@ -260,6 +272,7 @@ fn schedule(token: AuthToken, usable_until: SystemTime, lifetime: Duration) -> F
     FreshToken {
         refresh_at: token.signed_at + life.mul_f64(refresh_fraction),
         stale_at: usable_until - minimum_life(lifetime).min(life),
+        credentials_expiry,
         usable_until,
         token,
     }

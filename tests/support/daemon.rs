@@ -1,6 +1,8 @@
 //! Runs the real `aws-pgbouncer` binary against the test bed, the way users run it.
 
-use super::{ChildGuard, Creds, StopPolicy, Testbed, as_runner, log_output_to, wait_until};
+use super::{
+    ChildGuard, Creds, StopPolicy, Testbed, as_runner, free_port, log_output_to, wait_until,
+};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -37,15 +39,31 @@ pub struct Daemon {
     guard: ChildGuard,
     log: PathBuf,
     pub pgbouncer_dir: PathBuf,
+    /// Where its HTTP probes and metrics are served.
+    pub http_port: u16,
 }
 
 impl Daemon {
-    /// Starts `run` with `args` (plus `--pgbouncer-dir work/pgbouncer`).
+    /// Starts `run` with `args` (plus `--pgbouncer-dir work/pgbouncer` and a free HTTP port).
     pub fn start(work: &Path, creds: &Creds, args: &[&str]) -> Daemon {
+        Self::start_with_env(work, Some(creds), &[], args)
+    }
+
+    /// As `start`, with credentials from `creds` if any and extra environment variables.
+    pub fn start_with_env(
+        work: &Path,
+        creds: Option<&Creds>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         let pgbouncer_dir = work.join("pgbouncer");
         let log = work.join("daemon.log");
-        let mut cmd = command(Some(creds));
+        let http_port = free_port();
+        let mut cmd = command(creds);
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{http_port}"))
             .arg("--pgbouncer-dir")
             .arg(&pgbouncer_dir)
             .arg("--pgbouncer-bin")
@@ -64,7 +82,27 @@ impl Daemon {
             guard: ChildGuard::spawn_with(cmd, "aws-pgbouncer", policy),
             log,
             pgbouncer_dir,
+            http_port,
         }
+    }
+
+    /// GET `path` from the daemon's HTTP server: (status, body), or None if nothing answers.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())?;
+        Some((status, body))
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,82 @@
+//! What the probes report: the daemon's own view of whether PgBouncer can log in now.
+//!
+//! Readiness never asks AWS or the database; it reads state the daemon keeps anyway, so a
+//! probe storm costs nothing and a slow STS cannot make a pod flap.
+
+use crate::http::{Probes, Readiness};
+use crate::token::{TokenKey, TokenSource};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub struct DaemonState {
+    source: Arc<TokenSource>,
+    targets: Vec<TokenKey>,
+    started: AtomicBool,
+    stopping: AtomicBool,
+    /// The last failure to reach PgBouncer's admin console, cleared by the next success.
+    pgbouncer_trouble: Mutex<Option<String>>,
+}
+
+impl DaemonState {
+    pub fn new(source: Arc<TokenSource>, targets: Vec<TokenKey>) -> Self {
+        Self {
+            source,
+            targets,
+            started: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            pgbouncer_trouble: Mutex::new(Some("PgBouncer has not answered yet".into())),
+        }
+    }
+
+    /// PgBouncer has loaded the files with the current tokens.
+    pub fn mark_started(&self) {
+        if !self.started.swap(true, Ordering::Relaxed) {
+            tracing::info!("started: PgBouncer has the first tokens");
+        }
+    }
+
+    pub fn mark_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn pgbouncer_answered(&self) {
+        *self.pgbouncer_trouble.lock().expect("state lock") = None;
+    }
+
+    pub fn pgbouncer_failed(&self, trouble: String) {
+        *self.pgbouncer_trouble.lock().expect("state lock") = Some(trouble);
+    }
+}
+
+impl Probes for DaemonState {
+    fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    fn readiness(&self) -> Readiness {
+        let mut reasons = Vec::new();
+        if self.stopping.load(Ordering::Relaxed) {
+            reasons.push("shutting down".to_owned());
+        }
+        if !self.started() {
+            reasons.push("starting: PgBouncer does not have the first tokens yet".to_owned());
+        }
+        let health = self.source.health();
+        for target in &self.targets {
+            let entry = health.iter().find(|(key, _)| key == target).map(|(_, h)| h);
+            if !entry.is_some_and(|h| h.has_usable_token(self.source.lifetime())) {
+                let cause = entry
+                    .and_then(|h| h.last_error.as_ref())
+                    .map_or("none minted yet", |error| error.cause());
+                reasons.push(format!("no valid token for {target} ({cause})"));
+            }
+        }
+        if let Some(trouble) = self.pgbouncer_trouble.lock().expect("state lock").clone() {
+            reasons.push(trouble);
+        }
+        Readiness {
+            ready: reasons.is_empty(),
+            reasons,
+        }
+    }
+}

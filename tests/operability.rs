@@ -1,0 +1,319 @@
+//! Probes, metrics, logs and shutdown of the real daemon, on the stand-in with a real
+//! PgBouncer.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::credentials_server::CredentialServer;
+use support::daemon::{BINARY, Daemon};
+use support::{Standin, free_port, test_dir, wait_until};
+use tokio_postgres::NoTls;
+
+fn base_args(standin: &Standin, listen_port: u16, lifetime: u64) -> Vec<String> {
+    [
+        "--supervise",
+        "--host",
+        standin.host(),
+        "--port",
+        &standin.port().to_string(),
+        "--dbname",
+        "appdb",
+        "--user",
+        "app_user",
+        "--region",
+        standin.region(),
+        "--listen",
+        &format!("127.0.0.1:{listen_port}"),
+        "--server-ca-file",
+        standin.ca_path().to_str().unwrap(),
+        "--token-lifetime",
+        &lifetime.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn status(daemon: &Daemon, path: &str) -> u16 {
+    daemon.http_get(path).map_or(0, |(status, _)| status)
+}
+
+fn wait_status(daemon: &Daemon, path: &str, expected: u16, timeout: Duration) {
+    assert!(
+        wait_until(timeout, || status(daemon, path) == expected),
+        "{path} did not turn {expected} within {timeout:?}: {:?}\n{}",
+        daemon.http_get(path),
+        daemon.log()
+    );
+}
+
+/// The value of a metric line starting with `prefix` (name and labels).
+fn metric(daemon: &Daemon, prefix: &str) -> Option<f64> {
+    let (_, body) = daemon.http_get("/metrics")?;
+    body.lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+fn wait_command(http_port: u16, timeout_secs: u64) -> std::process::ExitStatus {
+    Command::new(BINARY)
+        .args([
+            "wait",
+            "--http",
+            &format!("127.0.0.1:{http_port}"),
+            "--timeout",
+            &timeout_secs.to_string(),
+        ])
+        .status()
+        .expect("run wait")
+}
+
+#[test]
+fn probes_and_metrics_follow_a_credential_source_that_fails_and_recovers() {
+    let standin = Standin::start();
+    let server = CredentialServer::start(
+        &standin,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+        60,
+    );
+    server.set_failing(true);
+    let work = test_dir("probes");
+    let listen_port = free_port();
+    let args = base_args(&standin, listen_port, 20);
+    let daemon = Daemon::start_with_env(
+        work.path(),
+        None,
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &server.uri())],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+
+    // No credentials yet: alive, but neither started nor ready, and saying why.
+    wait_status(&daemon, "/healthz", 200, Duration::from_secs(20));
+    assert_eq!(status(&daemon, "/startupz"), 503);
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            daemon.http_get("/readyz").is_some_and(|(code, reasons)| {
+                code == 503 && reasons.contains("credentials_provider_error")
+            })
+        }),
+        "/readyz does not say why: {:?}",
+        daemon.http_get("/readyz")
+    );
+    assert_eq!(wait_command(daemon.http_port, 1).code(), Some(1));
+
+    server.set_failing(false);
+    assert!(
+        wait_command(daemon.http_port, 30).success(),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(status(&daemon, "/startupz"), 200);
+    wait_status(&daemon, "/readyz", 200, Duration::from_secs(15));
+    assert!(
+        metric(
+            &daemon,
+            "aws_pgbouncer_credentials_expiry_timestamp_seconds"
+        )
+        .unwrap()
+            > 1e9
+    );
+
+    // The source fails after start: the tokens run out with the credentials (10 s), then
+    // readiness drops, while liveness stays.
+    server.set_failing(true);
+    wait_status(&daemon, "/readyz", 503, Duration::from_secs(20));
+    assert_eq!(status(&daemon, "/healthz"), 200);
+    assert_eq!(status(&daemon, "/startupz"), 200);
+    let failures = metric(
+        &daemon,
+        "aws_pgbouncer_token_refresh_failures_total{database=\"appdb\",user=\"app_user\",host=\"localhost\",cause=\"credentials_provider_error\"}",
+    );
+    assert!(
+        failures.unwrap_or(0.0) >= 1.0,
+        "{:?}",
+        daemon.http_get("/metrics")
+    );
+
+    server.set_failing(false);
+    wait_status(&daemon, "/readyz", 200, Duration::from_secs(20));
+
+    // The refresh counter says exactly what the log says.
+    let minted = daemon.count_in_log("minted a new token");
+    let counted = metric(
+        &daemon,
+        "aws_pgbouncer_token_refreshes_total{database=\"appdb\",user=\"app_user\",host=\"localhost\"}",
+    );
+    assert_eq!(counted, Some(minted as f64));
+    assert!(minted >= 2);
+    let reloads = metric(&daemon, "aws_pgbouncer_pgbouncer_reloads_total").unwrap();
+    assert_eq!(reloads as usize, daemon.count_in_log("PgBouncer reloaded"));
+    assert!(metric(&daemon, "aws_pgbouncer_build_info").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_readiness_first_and_lets_the_query_in_flight_finish() {
+    let standin = Standin::start();
+    let work = test_dir("shutdown");
+    let listen_port = free_port();
+    let mut args = base_args(&standin, listen_port, 60);
+    args.extend(["--min-shutdown-delay", "2", "--max-shutdown-delay", "10"].map(str::to_owned));
+    let mut daemon = Daemon::start(
+        work.path(),
+        &standin.static_creds(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_status(&daemon, "/readyz", 200, Duration::from_secs(30));
+
+    let connect = || async {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(listen_port)
+            .user("app_user")
+            .dbname("appdb")
+            .connect(NoTls)
+            .await
+            .expect("connect through PgBouncer");
+        tokio::spawn(connection);
+        client
+    };
+    let in_flight_client = connect().await;
+    let in_flight = tokio::spawn(async move {
+        let outcome = in_flight_client.simple_query("SELECT pg_sleep(3)").await;
+        drop(in_flight_client);
+        outcome.map(drop)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let signalled = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    wait_status(&daemon, "/readyz", 503, Duration::from_secs(1));
+    assert_eq!(status(&daemon, "/healthz"), 200);
+    // Within the minimum delay, PgBouncer still takes new work.
+    let late = connect().await;
+    late.simple_query("SELECT 1")
+        .await
+        .expect("served during the minimum delay");
+    // PgBouncer's shutdown waits for session-mode clients to let their server go.
+    drop(late);
+
+    assert!(
+        in_flight.await.unwrap().is_ok(),
+        "the query in flight was cut off"
+    );
+    let exit = daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("daemon exits");
+    let took = signalled.elapsed();
+    assert_eq!(exit.code(), Some(143), "{}", daemon.log());
+    assert!(
+        took >= Duration::from_secs(2),
+        "left before the minimum delay: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "PgBouncer did not stop once its work was done: {took:?}"
+    );
+}
+
+#[test]
+fn exit_zero_on_sigterm_for_jobs() {
+    let standin = Standin::start();
+    let work = test_dir("exit-zero");
+    let mut args = base_args(&standin, free_port(), 60);
+    args.push("--exit-zero-on-sigterm".into());
+    let mut daemon = Daemon::start(
+        work.path(),
+        &standin.static_creds(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_status(&daemon, "/startupz", 200, Duration::from_secs(30));
+    daemon.signal(libc::SIGTERM);
+    let exit = daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("daemon exits");
+    assert_eq!(exit.code(), Some(0), "{}", daemon.log());
+}
+
+#[test]
+fn no_secret_reaches_any_log_line_at_any_level() {
+    let standin = Standin::start();
+    let creds = standin.session_creds();
+    let work = test_dir("log-scan");
+    let listen_port = free_port();
+    let mut args = base_args(&standin, listen_port, 6);
+    args.extend(["--log-format", "json"].map(str::to_owned));
+    let mut daemon = Daemon::start_with_env(
+        work.path(),
+        Some(&creds),
+        &[("RUST_LOG", "trace")],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_status(&daemon, "/startupz", 200, Duration::from_secs(30));
+    // Several refreshes, reloads and server logins with tokens in them.
+    let deadline = Instant::now() + Duration::from_secs(14);
+    let mut tokens = Vec::new();
+    while Instant::now() < deadline {
+        let ini = std::fs::read_to_string(daemon.pgbouncer_dir.join("databases.ini")).unwrap();
+        let token = ini
+            .split("password='")
+            .nth(1)
+            .unwrap()
+            .split('\'')
+            .next()
+            .unwrap()
+            .to_owned();
+        if !tokens.contains(&token) {
+            tokens.push(token);
+        }
+        standin.terminate_backends("app_user");
+        // Let PgBouncer see the closed server connection before the next client comes.
+        std::thread::sleep(Duration::from_millis(300));
+        let login = support::psql(
+            &format!("host=127.0.0.1 port={listen_port} user=app_user dbname=appdb"),
+            None,
+            "SELECT 1",
+        );
+        assert_eq!(
+            login.as_deref(),
+            Ok("1"),
+            "PgBouncer's log:\n{}",
+            daemon
+                .log()
+                .lines()
+                .filter(|line| !line.starts_with('{'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    daemon.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_exit(Duration::from_secs(15));
+
+    let log = daemon.log();
+    assert!(
+        log.lines().count() > 100,
+        "trace logging produced too little to mean anything"
+    );
+    assert!(
+        tokens.len() >= 2,
+        "expected several tokens over 14 s of 6 s tokens"
+    );
+    let admin_secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("admin-secret")).unwrap();
+    let mut secrets = vec![
+        creds.secret.clone(),
+        creds.session_token.clone().unwrap(),
+        admin_secret.trim().to_owned(),
+        "X-Amz-Signature".to_owned(),
+    ];
+    secrets.extend(tokens);
+    for secret in &secrets {
+        let needle = &secret[..secret.len().min(40)];
+        if let Some(line) = log.lines().find(|line| line.contains(needle)) {
+            panic!("a secret reached the log: {line}");
+        }
+    }
+}
