@@ -609,3 +609,41 @@ impl RawClient {
         assert!(parameters.iter().any(|(k, _)| k == "server_version"));
     }
 }
+
+/// The fuzz targets' entry points in plain `cargo test`: the kept corpus (seeds and every
+/// finding), then seeded random mutations of it. cargo-fuzz explores further (see `fuzz/`).
+#[test]
+fn fuzz_entry_points_replay_the_corpus() {
+    use aws_pgbouncer::endpoint::fuzzing;
+    use rand::{RngExt, SeedableRng};
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let mut inputs = Vec::new();
+    for target in ["frontend_parser", "session"] {
+        for entry in std::fs::read_dir(root.join(target)).unwrap() {
+            inputs.push(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+    }
+    assert!(inputs.len() >= 10, "the corpus is there");
+    for input in &inputs {
+        fuzzing::parse_frontend(input);
+        fuzzing::fuzz_session(input);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    for round in 0..400 {
+        let mut input = inputs[round % inputs.len()].clone();
+        for _ in 0..rng.random_range(1..8) {
+            if input.is_empty() {
+                input.push(rng.random());
+            }
+            let at = rng.random_range(0..input.len());
+            match rng.random_range(0..3) {
+                0 => input[at] = rng.random(),
+                1 => input.truncate(at),
+                _ => input.insert(at, rng.random()),
+            }
+        }
+        fuzzing::parse_frontend(&input);
+        fuzzing::fuzz_session(&input);
+    }
+}
