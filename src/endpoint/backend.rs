@@ -163,3 +163,117 @@ pub fn data_row(out: &mut BytesMut, values: &[&[u8]]) {
 pub fn command_complete(out: &mut BytesMut, tag: &str) {
     message(out, b'C', |b| cstr(b, tag));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fallible_iterator::FallibleIterator;
+    use postgres_protocol::message::backend::Message;
+
+    /// Every message, written here and parsed back by postgres-protocol (tokio-postgres's parser).
+    #[test]
+    fn postgres_protocol_parses_what_is_written() {
+        let mut out = BytesMut::new();
+        authentication_sasl(&mut out, "SCRAM-SHA-256");
+        authentication_sasl_continue(&mut out, b"r=abc,s=c2FsdA==,i=4096");
+        authentication_sasl_final(&mut out, b"v=sig");
+        authentication_ok(&mut out);
+        parameter_status(&mut out, "server_version", "16.0");
+        backend_key_data(&mut out, 7, 9);
+        parse_complete(&mut out);
+        bind_complete(&mut out);
+        close_complete(&mut out);
+        parameter_description(&mut out, &[TEXT_OID]);
+        let column = |name| Column {
+            name,
+            type_oid: TEXT_OID,
+            type_len: -1,
+            format: 1,
+        };
+        row_description(&mut out, &[column("usename"), column("passwd")]);
+        data_row(&mut out, &[b"alice", b"token"]);
+        command_complete(&mut out, "SELECT 1");
+        empty_query_response(&mut out);
+        error_response(&mut out, "ERROR", "0A000", "nope");
+        ready_for_query(&mut out);
+
+        let mut next = || Message::parse(&mut out).unwrap().unwrap();
+        let Message::AuthenticationSasl(m) = next() else {
+            panic!()
+        };
+        assert_eq!(
+            m.mechanisms().collect::<Vec<_>>().unwrap(),
+            ["SCRAM-SHA-256"]
+        );
+        let Message::AuthenticationSaslContinue(m) = next() else {
+            panic!()
+        };
+        assert_eq!(m.data(), b"r=abc,s=c2FsdA==,i=4096");
+        let Message::AuthenticationSaslFinal(m) = next() else {
+            panic!()
+        };
+        assert_eq!(m.data(), b"v=sig");
+        assert!(matches!(next(), Message::AuthenticationOk));
+        let Message::ParameterStatus(m) = next() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.name().unwrap(), m.value().unwrap()),
+            ("server_version", "16.0")
+        );
+        let Message::BackendKeyData(m) = next() else {
+            panic!()
+        };
+        assert_eq!((m.process_id(), m.secret_key()), (7, 9));
+        assert!(matches!(next(), Message::ParseComplete));
+        assert!(matches!(next(), Message::BindComplete));
+        assert!(matches!(next(), Message::CloseComplete));
+        let Message::ParameterDescription(m) = next() else {
+            panic!()
+        };
+        assert_eq!(m.parameters().collect::<Vec<_>>().unwrap(), [TEXT_OID]);
+        let Message::RowDescription(m) = next() else {
+            panic!()
+        };
+        let fields: Vec<_> = m
+            .fields()
+            .map(|f| Ok((f.name().to_owned(), f.type_oid(), f.format())))
+            .collect()
+            .unwrap();
+        assert_eq!(
+            fields,
+            [
+                ("usename".into(), TEXT_OID, 1),
+                ("passwd".into(), TEXT_OID, 1)
+            ]
+        );
+        let Message::DataRow(m) = next() else {
+            panic!()
+        };
+        let values: Vec<_> = m
+            .ranges()
+            .map(|r| Ok(m.buffer()[r.unwrap()].to_vec()))
+            .collect()
+            .unwrap();
+        assert_eq!(values, [b"alice".to_vec(), b"token".to_vec()]);
+        let Message::CommandComplete(m) = next() else {
+            panic!()
+        };
+        assert_eq!(m.tag().unwrap(), "SELECT 1");
+        assert!(matches!(next(), Message::EmptyQueryResponse));
+        let Message::ErrorResponse(m) = next() else {
+            panic!()
+        };
+        let fields: Vec<_> = m
+            .fields()
+            .map(|f| Ok((f.type_(), f.value().to_owned())))
+            .collect()
+            .unwrap();
+        assert!(fields.contains(&(b'C', "0A000".into())));
+        let Message::ReadyForQuery(m) = next() else {
+            panic!()
+        };
+        assert_eq!(m.status(), b'I');
+        assert!(out.is_empty());
+    }
+}

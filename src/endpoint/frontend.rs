@@ -317,3 +317,200 @@ fn get_cstr(body: &mut Bytes) -> Result<String, ProtocolError> {
     body.advance(1);
     String::from_utf8(raw.to_vec()).map_err(|_| ProtocolError::Malformed("string is not UTF-8"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::IsNull;
+    use postgres_protocol::message::frontend as pg;
+
+    const MAX: usize = 8 * 1024;
+
+    fn one(bytes: &BytesMut) -> FrontendMessage {
+        let mut buf = bytes.clone();
+        let (tag, body) = split_message(&mut buf, MAX).unwrap().unwrap();
+        assert!(buf.is_empty());
+        decode(tag, body).unwrap()
+    }
+
+    #[test]
+    fn startup_packets() {
+        let mut buf = BytesMut::new();
+        pg::startup_message([("user", "u"), ("database", "d")], &mut buf).unwrap();
+        pg::ssl_request(&mut buf);
+        pg::cancel_request(1, 2, &mut buf);
+        assert_eq!(
+            split_startup(&mut buf, MAX),
+            Ok(Some(StartupPacket::Startup {
+                minor: 0,
+                params: vec![("user".into(), "u".into()), ("database".into(), "d".into())],
+            }))
+        );
+        assert_eq!(split_startup(&mut buf, MAX), Ok(Some(StartupPacket::Ssl)));
+        assert_eq!(
+            split_startup(&mut buf, MAX),
+            Ok(Some(StartupPacket::Cancel))
+        );
+        assert_eq!(split_startup(&mut buf, MAX), Ok(None));
+        let mut v2 = BytesMut::from(&[0, 0, 0, 8, 0, 2, 0, 0][..]);
+        assert_eq!(
+            split_startup(&mut v2, MAX),
+            Ok(Some(StartupPacket::Unsupported(2 << 16)))
+        );
+    }
+
+    #[test]
+    fn extended_protocol_messages() {
+        let mut buf = BytesMut::new();
+        pg::parse("s", "SELECT $1", [25], &mut buf).unwrap();
+        assert_eq!(
+            one(&buf),
+            FrontendMessage::Parse {
+                name: "s".into(),
+                query: "SELECT $1".into(),
+                param_types: vec![25],
+            }
+        );
+        let mut buf = BytesMut::new();
+        pg::bind(
+            "p",
+            "s",
+            [1],
+            [Some("alice"), None],
+            |v, out| match v {
+                Some(v) => {
+                    out.extend_from_slice(v.as_bytes());
+                    Ok(IsNull::No)
+                }
+                None => Ok(IsNull::Yes),
+            },
+            [0, 1],
+            &mut buf,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        assert_eq!(
+            one(&buf),
+            FrontendMessage::Bind {
+                portal: "p".into(),
+                statement: "s".into(),
+                param_formats: vec![1],
+                params: vec![Some(Bytes::from_static(b"alice")), None],
+                result_formats: vec![0, 1],
+            }
+        );
+        let mut buf = BytesMut::new();
+        pg::describe(b'P', "p", &mut buf).unwrap();
+        assert_eq!(
+            one(&buf),
+            FrontendMessage::Describe {
+                target: Target::Portal,
+                name: "p".into()
+            }
+        );
+        let mut buf = BytesMut::new();
+        pg::execute("p", 7, &mut buf).unwrap();
+        assert_eq!(
+            one(&buf),
+            FrontendMessage::Execute {
+                portal: "p".into(),
+                max_rows: 7
+            }
+        );
+        for (write, expected) in [
+            (pg::sync as fn(&mut BytesMut), FrontendMessage::Sync),
+            (pg::flush, FrontendMessage::Flush),
+            (pg::terminate, FrontendMessage::Terminate),
+        ] {
+            let mut buf = BytesMut::new();
+            write(&mut buf);
+            assert_eq!(one(&buf), expected);
+        }
+        let mut buf = BytesMut::new();
+        pg::sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=x", &mut buf).unwrap();
+        let FrontendMessage::Password(body) = one(&buf) else {
+            panic!("'p' expected")
+        };
+        assert_eq!(
+            decode_sasl_initial(body),
+            Ok(("SCRAM-SHA-256".into(), Bytes::from_static(b"n,,n=,r=x")))
+        );
+    }
+
+    #[test]
+    fn truncated_input_waits_for_more() {
+        let mut whole = BytesMut::new();
+        pg::query("SELECT 1", &mut whole).unwrap();
+        for cut in 0..whole.len() {
+            let mut part = BytesMut::from(&whole[..cut]);
+            assert_eq!(split_message(&mut part, MAX), Ok(None), "cut at {cut}");
+            assert_eq!(part.len(), cut, "nothing consumed");
+        }
+    }
+
+    #[test]
+    fn lengths_are_checked_before_buffering() {
+        // Announces 1 GiB: refused from the header alone.
+        let mut huge = BytesMut::from(&[b'Q', 0x40, 0, 0, 0][..]);
+        assert!(matches!(
+            split_message(&mut huge, MAX),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        let mut huge = BytesMut::from(&b"GET / HTTP/1.1"[..]);
+        assert!(matches!(
+            split_startup(&mut huge, MAX),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        for len in [i32::MIN, -1, 0, 3] {
+            let mut bad = BytesMut::from(&[b'S'][..]);
+            bad.extend_from_slice(&len.to_be_bytes());
+            assert_eq!(
+                split_message(&mut bad, MAX),
+                Err(ProtocolError::BadLength(len))
+            );
+        }
+        let mut exact = BytesMut::new();
+        pg::query(&"x".repeat(MAX - 6), &mut exact).unwrap();
+        assert_eq!(exact.len(), MAX);
+        assert!(split_message(&mut exact.clone(), MAX).unwrap().is_some());
+        assert!(split_message(&mut exact, MAX - 1).is_err());
+    }
+
+    #[test]
+    fn malformed_bodies() {
+        let cases: [(u8, &[u8]); 10] = [
+            (b'Q', b"no terminator"),
+            (b'Q', b"a\0trailing"),
+            (b'Q', b"\xff\0"),
+            (b'E', b"\0\0\0"),
+            (b'D', b"X\0"),
+            (b'C', b""),
+            // Parse that promises 65535 parameter types and has none.
+            (b'P', b"\0q\0\xff\xff"),
+            // Bind with a value length past the end.
+            (b'B', b"\0\0\0\0\0\x01\0\0\x10\0ab"),
+            (b'B', b"\0\0\0\0\0\x01\xff\xff\xff\xfe"),
+            (b'S', b"x"),
+        ];
+        for (tag, body) in cases {
+            assert!(
+                matches!(
+                    decode(tag, Bytes::copy_from_slice(body)),
+                    Err(ProtocolError::Malformed(_))
+                ),
+                "{} {body:?}",
+                tag as char
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_types_are_refused() {
+        for tag in [b'F', b'd', b'c', b'f', 0, 0xff] {
+            assert_eq!(
+                decode(tag, Bytes::new()),
+                Err(ProtocolError::UnknownType(tag))
+            );
+        }
+    }
+}
