@@ -61,6 +61,8 @@ pub struct TokenArgs {
 pub enum Mode {
     /// Write each token into the rendered pgbouncer.ini and RELOAD PgBouncer.
     Config,
+    /// Answer PgBouncer's auth_query with fresh tokens from a local endpoint.
+    AuthQuery,
 }
 
 /// PgBouncer's `server_tls_sslmode` values.
@@ -119,12 +121,22 @@ pub struct RunArgs {
     /// The IAM database user PgBouncer logs in as. Also read from DB_USERNAME.
     #[arg(long, env = "AWS_PGBOUNCER_USER")]
     pub user: Option<String>,
+    /// Auth-query mode: the IAM users allowed to log in, comma-separated (with --user).
+    #[arg(long, env = "AWS_PGBOUNCER_ALLOW_USERS", value_delimiter = ',')]
+    pub allow_users: Vec<String>,
     /// The region tokens are signed for; else AWS_REGION, the AWS profile, or the host name.
     #[arg(long, env = "AWS_PGBOUNCER_REGION")]
     pub region: Option<String>,
     /// Where PgBouncer serves applications [default: 127.0.0.1:6432].
     #[arg(long, env = "AWS_PGBOUNCER_LISTEN")]
     pub listen: Option<String>,
+    /// Auth-query mode: where the auth endpoint listens, ADDR:PORT or `unix[:PORT]` for a
+    /// socket in --pgbouncer-dir [default: 127.0.0.1:6433].
+    #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN")]
+    pub auth_listen: Option<String>,
+    /// Allow --auth-listen on an address other than loopback.
+    #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN_NON_LOOPBACK")]
+    pub auth_listen_non_loopback: bool,
     /// PgBouncer's TLS mode towards the database [default: verify-full].
     #[arg(long, env = "AWS_PGBOUNCER_SERVER_TLS_MODE")]
     pub server_tls_mode: Option<TlsMode>,

@@ -394,6 +394,7 @@ mod tests {
             name: name.to_owned(),
             dbname: name.to_owned(),
             target: key(user),
+            allowed_users: vec![user.to_owned()],
             options: Vec::new(),
         }
     }

@@ -197,3 +197,19 @@ fn the_token_command_accepts_the_aws_cli_spellings() {
     );
     assert!(token.ends_with('\n') && token.lines().count() == 1);
 }
+
+#[test]
+fn a_non_loopback_auth_endpoint_needs_an_explicit_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("mode = \"auth-query\"\nauth_listen = \"0.0.0.0:6433\"\n{ONE_DATABASE}");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(&output, 1, "--auth-listen-non-loopback");
+}
+
+#[test]
+fn an_allow_list_is_for_auth_query_mode_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{ONE_DATABASE}users = [\"a\", \"b\"]\n");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(&output, 1, "users (an allow-list) is for auth-query mode");
+}

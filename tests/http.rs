@@ -59,6 +59,7 @@ async fn start() -> Server {
         name: "appdb".to_owned(),
         dbname: "appdb".to_owned(),
         target: target(),
+        allowed_users: vec![target().user],
         options: Vec::new(),
     };
     let metrics = Arc::new(Metrics::new(&[database], || {

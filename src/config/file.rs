@@ -16,6 +16,7 @@ pub struct ConfigFile {
     pub token_lifetime: Option<u64>,
     pub server_tls_mode: Option<String>,
     pub server_ca_file: Option<PathBuf>,
+    pub auth_listen: Option<String>,
     #[serde(default)]
     pub databases: Vec<DatabaseEntry>,
     /// Users that applications log in to PgBouncer as, with optional passwords.
@@ -34,8 +35,11 @@ pub struct DatabaseEntry {
     pub host: String,
     pub port: Option<u16>,
     pub dbname: String,
-    /// The IAM database user PgBouncer logs in as.
-    pub user: String,
+    /// Config mode: the IAM database user PgBouncer logs in as.
+    pub user: Option<String>,
+    /// Auth-query mode: the IAM users that may log in through this entry.
+    #[serde(default)]
+    pub users: Vec<String>,
     pub region: Option<String>,
     /// Per-database PgBouncer options (`pool_size`, `pool_mode`, ...), appended to the entry.
     #[serde(default)]

@@ -16,6 +16,10 @@ use std::time::Duration;
 pub const DEFAULT_PGBOUNCER_DIR: &str = "/run/aws-pgbouncer";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_TOKEN_LIFETIME: u64 = 900;
+pub const DEFAULT_AUTH_LISTEN: &str = "127.0.0.1:6433";
+
+/// `[databases]` entries the daemon adds for auth-query mode start with this.
+pub const AUTH_DATABASE_PREFIX: &str = "aws_pgbouncer_auth";
 
 /// Settings the daemon owns in `[pgbouncer]`; passing them through would break it or open it.
 const OWNED_PGBOUNCER_SETTINGS: &[&str] = &[
@@ -45,6 +49,19 @@ pub struct Settings {
     pub clients: Vec<Client>,
     /// `[pgbouncer]` settings passed through, already rendered as PgBouncer values.
     pub pgbouncer_settings: Vec<(String, String)>,
+    /// Auth-query mode: where the endpoint PgBouncer asks for tokens listens.
+    pub auth_listen: AuthListen,
+}
+
+/// Where the auth-query endpoint listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthListen {
+    Tcp(SocketAddr),
+    /// A socket `.s.PGSQL.{port}` in the PgBouncer directory, which PgBouncer reaches as
+    /// `host={dir} port={port}` without TLS.
+    Unix {
+        port: u16,
+    },
 }
 
 /// One `[databases]` entry: the name applications use and the IAM login behind it.
@@ -52,8 +69,22 @@ pub struct Settings {
 pub struct Database {
     pub name: String,
     pub dbname: String,
+    /// The server and, in config mode, the forced user; in auth-query mode the first allowed
+    /// user, which `check` logs in as.
     pub target: TokenKey,
+    /// Auth-query mode: every IAM user that may log in through this entry.
+    pub allowed_users: Vec<String>,
     pub options: Vec<(String, String)>,
+}
+
+impl Database {
+    /// The token key for `user` at this entry's server.
+    pub fn key_for(&self, user: &str) -> TokenKey {
+        TokenKey {
+            user: user.to_owned(),
+            ..self.target.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -71,8 +102,11 @@ impl Settings {
         };
         let mode = match (args.mode, &file.mode) {
             (Some(mode), _) => mode,
-            (None, Some(text)) => <Mode as clap::ValueEnum>::from_str(text, false)
-                .map_err(|_| format!("config file: mode {text:?} is not one of: config"))?,
+            (None, Some(text)) => {
+                <Mode as clap::ValueEnum>::from_str(text, false).map_err(|_| {
+                    format!("config file: mode {text:?} is not one of: config, auth-query")
+                })?
+            }
             (None, None) => Mode::Config,
         };
         let token_lifetime = args
@@ -115,11 +149,15 @@ impl Settings {
         }
         let mut databases = Vec::with_capacity(entries.len());
         for entry in entries {
-            databases.push(resolve_database(entry, default_region.as_deref()).await?);
+            databases.push(resolve_database(entry, mode, default_region.as_deref()).await?);
         }
         check_unique(databases.iter().map(|db| db.name.as_str()), "database name")?;
 
-        let clients = resolve_clients(file.clients, &databases)?;
+        let clients = resolve_clients(file.clients, mode, &databases)?;
+        let auth_listen = resolve_auth_listen(
+            args.auth_listen.as_deref().or(file.auth_listen.as_deref()),
+            args.auth_listen_non_loopback,
+        )?;
         let pgbouncer_settings = file
             .pgbouncer
             .into_iter()
@@ -148,8 +186,33 @@ impl Settings {
             databases,
             clients,
             pgbouncer_settings,
+            auth_listen,
         })
     }
+}
+
+fn resolve_auth_listen(given: Option<&str>, non_loopback: bool) -> Result<AuthListen, String> {
+    let text = given.unwrap_or(DEFAULT_AUTH_LISTEN);
+    if let Some(rest) = text.strip_prefix("unix") {
+        let port = match rest.strip_prefix(':') {
+            Some(port) => port
+                .parse()
+                .map_err(|_| format!("auth listen {text:?}: {port:?} is not a port"))?,
+            None if rest.is_empty() => 6433,
+            None => return Err(format!("auth listen {text:?} is not unix or unix:PORT")),
+        };
+        return Ok(AuthListen::Unix { port });
+    }
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        format!("auth listen {text:?} is not ADDR:PORT (e.g. 127.0.0.1:6433), unix or unix:PORT")
+    })?;
+    if !addr.ip().is_loopback() && !non_loopback {
+        return Err(format!(
+            "auth listen {addr} is not a loopback address: the endpoint hands out database \
+             tokens; pass --auth-listen-non-loopback if that is really meant"
+        ));
+    }
+    Ok(AuthListen::Tcp(addr))
 }
 
 /// The single database of the old sidecar's shape, from flags, `AWS_PGBOUNCER_*` or the old
@@ -172,17 +235,17 @@ fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> 
         .clone()
         .or_else(|| legacy("DB_NAME"))
         .ok_or("--host is set but --dbname (DB_NAME) is not")?;
-    let user = args
-        .user
-        .clone()
-        .or_else(|| legacy("DB_USERNAME"))
-        .ok_or("--host is set but --user (DB_USERNAME) is not")?;
+    let user = args.user.clone().or_else(|| legacy("DB_USERNAME"));
+    if user.is_none() && args.allow_users.is_empty() {
+        return Err("--host is set but neither --user (DB_USERNAME) nor --allow-users is".into());
+    }
     Ok(Some(DatabaseEntry {
         name: None,
         host,
         port,
         dbname,
         user,
+        users: args.allow_users.clone(),
         region: None,
         options: Default::default(),
     }))
@@ -190,14 +253,38 @@ fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> 
 
 async fn resolve_database(
     entry: DatabaseEntry,
+    mode: Mode,
     default_region: Option<&str>,
 ) -> Result<Database, String> {
     let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
     check_word(&name, "database name")?;
-    if entry.host.is_empty() || entry.user.is_empty() || entry.dbname.is_empty() {
+    if name == "pgbouncer" || name.starts_with(AUTH_DATABASE_PREFIX) {
+        return Err(format!("database name {name} is reserved"));
+    }
+    if entry.host.is_empty() || entry.dbname.is_empty() {
         return Err(format!(
-            "database {name}: host, dbname and user must not be empty"
+            "database {name}: host and dbname must not be empty"
         ));
+    }
+    let allowed_users: Vec<String> = match mode {
+        Mode::Config => {
+            if !entry.users.is_empty() {
+                return Err(format!(
+                    "database {name}: users (an allow-list) is for auth-query mode; \
+                     config mode forces one user"
+                ));
+            }
+            entry.user.into_iter().collect()
+        }
+        Mode::AuthQuery => entry.user.into_iter().chain(entry.users).collect(),
+    };
+    let Some(first_user) = allowed_users.first().cloned() else {
+        return Err(format!(
+            "database {name}: no IAM user (user, or users in auth-query mode)"
+        ));
+    };
+    for user in &allowed_users {
+        check_user_name(user)?;
     }
     let region = resolve_region(entry.region.as_deref().or(default_region), &entry.host)
         .await
@@ -221,20 +308,23 @@ async fn resolve_database(
         target: TokenKey {
             host: entry.host,
             port: entry.port.unwrap_or(5432),
-            user: entry.user,
+            user: first_user,
             region,
         },
+        allowed_users,
         options,
     })
 }
 
 /// Without `[[clients]]`, applications log in as the IAM user names, without a password, from
-/// loopback: what the old sidecar's users have configured today.
+/// loopback: what the old sidecar's users have configured today. In auth-query mode the users
+/// come from the endpoint, so only clients with passwords need listing.
 fn resolve_clients(
     entries: Vec<ClientEntry>,
+    mode: Mode,
     databases: &[Database],
 ) -> Result<Vec<Client>, String> {
-    let clients: Vec<Client> = if entries.is_empty() {
+    let clients: Vec<Client> = if entries.is_empty() && mode == Mode::Config {
         let users: BTreeSet<&str> = databases.iter().map(|db| db.target.user.as_str()).collect();
         users
             .into_iter()

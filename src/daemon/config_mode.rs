@@ -42,10 +42,16 @@ impl ConfigMode {
         };
         let written = tokens.render(&settings.databases);
         write(DATABASES_INI, written.expose_secret())?;
-        let userlist = render::userlist(admin_secret, &settings.clients);
+        let userlist = render::userlist(admin_secret, None, &settings.clients);
         write(USERLIST, userlist.expose_secret())?;
-        write(HBA, &render::hba(&settings.databases, &settings.clients))?;
-        write(PGBOUNCER_INI, &render::pgbouncer_ini(settings, dir))?;
+        write(
+            HBA,
+            &render::hba(settings.mode, &settings.databases, &settings.clients),
+        )?;
+        write(
+            PGBOUNCER_INI,
+            &render::pgbouncer_ini(settings, dir, settings.server_ca_file.as_deref()),
+        )?;
         tracing::info!(dir = %dir.display(), databases = settings.databases.len(), "wrote PgBouncer's files");
         Ok(Self {
             dir: dir.to_owned(),

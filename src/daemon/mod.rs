@@ -4,11 +4,12 @@
 //! port claimed before any token is minted, so that bad input fails at once; `/startupz`
 //! turns green only once PgBouncer has re-read files holding the first tokens.
 
+mod auth_query_mode;
 mod config_mode;
 mod reloader;
 mod state;
 
-use crate::cli::{LogFormat, RunArgs};
+use crate::cli::{LogFormat, Mode, RunArgs};
 use crate::config::Settings;
 use crate::http;
 use crate::metrics::Metrics;
@@ -16,6 +17,7 @@ use crate::pgbouncer::admin::AdminConsole;
 use crate::pgbouncer::files::{load_or_create_secret, prepare_dir};
 use crate::pgbouncer::supervise::Supervised;
 use crate::token::{CredentialCache, TokenSource, default_chain};
+use auth_query_mode::AuthQueryMode;
 use config_mode::ConfigMode;
 use reloader::Reloader;
 use state::DaemonState;
@@ -141,19 +143,35 @@ async fn run_with(
             .map(|source| source.health())
             .unwrap_or_default()
     }));
-    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Dropped at return, which stops the HTTP server and the auth endpoint.
+    let (stop_serving, serving_stopped) = tokio::sync::watch::channel(());
+    let stopped = move || {
+        let mut receiver = serving_stopped.clone();
+        async move {
+            let _ = receiver.changed().await;
+        }
+    };
     tokio::spawn(http::serve(
         http_listener,
         state.clone(),
         metrics.clone(),
-        async move {
-            let _ = http_stopped.await;
-        },
+        stopped(),
     ));
 
     let mut generations = source.subscribe();
+    let starting = async {
+        Ok::<_, String>(match settings.mode {
+            Mode::Config => {
+                Handler::Config(ConfigMode::start(&settings, &dir, &admin_secret, &source).await?)
+            }
+            Mode::AuthQuery => Handler::AuthQuery(
+                AuthQueryMode::start(&settings, &dir, &admin_secret, &source, &metrics, stopped())
+                    .await?,
+            ),
+        })
+    };
     let mut mode = tokio::select! {
-        mode = ConfigMode::start(&settings, &dir, &admin_secret, &source) => mode?,
+        mode = starting => mode?,
         stop = signals.next_stop() => return Ok(stop.outcome(args)),
     };
     metrics.set_credentials_expiry(mode.credentials_expiry());
@@ -223,8 +241,45 @@ async fn run_with(
         let status = child.stop(bound).await;
         tracing::info!(?status, "PgBouncer stopped");
     }
-    let _ = http_stop.send(());
+    drop(stop_serving);
     Ok(stopping.stop.outcome(args))
+}
+
+/// What differs between the modes once the daemon runs.
+enum Handler {
+    Config(ConfigMode),
+    AuthQuery(AuthQueryMode),
+}
+
+impl Handler {
+    fn ini_path(&self) -> std::path::PathBuf {
+        match self {
+            Handler::Config(mode) => mode.ini_path(),
+            Handler::AuthQuery(mode) => mode.ini_path(),
+        }
+    }
+
+    /// Hands new tokens to PgBouncer; true when PgBouncer must reload to see them.
+    async fn on_new_tokens(&mut self, source: &Arc<TokenSource>) -> bool {
+        match self {
+            Handler::Config(mode) => mode.on_new_tokens(source).await,
+            Handler::AuthQuery(mode) => mode.on_new_tokens(),
+        }
+    }
+
+    async fn refresh_now(&self, source: &Arc<TokenSource>) {
+        match self {
+            Handler::Config(mode) => mode.refresh_now(source).await,
+            Handler::AuthQuery(mode) => mode.refresh_now(source).await,
+        }
+    }
+
+    fn credentials_expiry(&self) -> Option<std::time::SystemTime> {
+        match self {
+            Handler::Config(mode) => mode.credentials_expiry(),
+            Handler::AuthQuery(mode) => mode.credentials_expiry(),
+        }
+    }
 }
 
 struct Stopping {

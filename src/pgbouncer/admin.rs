@@ -70,6 +70,22 @@ impl AdminConsole {
             .ok_or(AdminError::NoAnswer("SHOW VERSION"))
     }
 
+    /// The (database, user) of every pool PgBouncer holds: the users with clients now, or
+    /// with server connections kept for them.
+    pub async fn pools(&mut self) -> Result<Vec<(String, String)>, AdminError> {
+        let rows = self.run("SHOW POOLS").await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|message| match message {
+                SimpleQueryMessage::Row(row) => Some((
+                    row.try_get("database").ok()??.to_owned(),
+                    row.try_get("user").ok()??.to_owned(),
+                )),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Makes PgBouncer re-read its config and auth file. Server connections survive it when
     /// only passwords changed (PgBouncer 1.24+).
     pub async fn reload(&mut self) -> Result<(), AdminError> {

@@ -5,7 +5,8 @@
 //! changes at each token refresh. Users who keep their own pgbouncer.ini `%include` the same
 //! `databases.ini`.
 
-use crate::config::{Client, Database, Settings};
+use crate::cli::Mode;
+use crate::config::{AUTH_DATABASE_PREFIX, Client, Database, Settings};
 use crate::token::AuthToken;
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt::Write;
@@ -13,6 +14,10 @@ use std::path::Path;
 
 /// The daemon's own admin-console user. Only it may RELOAD, PAUSE or SHUTDOWN PgBouncer.
 pub const ADMIN_USER: &str = "aws_pgbouncer_admin";
+/// PgBouncer's `auth_user` in auth-query mode: the only user the auth endpoint admits.
+pub const AUTH_USER: &str = "aws_pgbouncer_auth";
+/// The query PgBouncer sends the endpoint; the endpoint reads only its parameter.
+const AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
 
 pub const PGBOUNCER_INI: &str = "pgbouncer.ini";
 pub const DATABASES_INI: &str = "databases.ini";
@@ -22,7 +27,9 @@ pub const HBA: &str = "pg_hba.conf";
 const HEADER: &str =
     ";; Written by aws-pgbouncer, which owns this directory and rewrites its files.\n";
 
-pub fn pgbouncer_ini(settings: &Settings, dir: &Path) -> String {
+/// `server_ca_file` is the bundle PgBouncer verifies servers against: the given one, or in
+/// auth-query mode over TCP the given one plus the endpoint's own CA.
+pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_ca_file: Option<&Path>) -> String {
     let mut ini = String::from(HEADER);
     ini.push_str("[pgbouncer]\n");
     let mut set = |key: &str, value: &str| {
@@ -38,8 +45,12 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path) -> String {
         "server_tls_sslmode",
         settings.server_tls_mode.as_pgbouncer(),
     );
-    if let Some(ca_file) = &settings.server_ca_file {
+    if let Some(ca_file) = server_ca_file {
         set("server_tls_ca_file", &ca_file.display().to_string());
+    }
+    if settings.mode == Mode::AuthQuery {
+        set("auth_user", AUTH_USER);
+        set("auth_query", AUTH_QUERY);
     }
     // JDBC and many drivers send extra_float_digits; without this PgBouncer refuses them.
     if !settings
@@ -83,14 +94,56 @@ pub fn databases_ini<'a>(
     SecretString::from(ini)
 }
 
-/// The admin user with a SCRAM verifier of its secret, and the applications' users. Plaintext
-/// client passwords are stored as SCRAM verifiers, so the file holds no usable password.
-pub fn userlist(admin_secret: &SecretString, clients: &[Client]) -> SecretString {
+/// Auth-query mode's `[databases]`: each application entry has no forced user, so PgBouncer
+/// logs in as the client's user with the password its auth_query returns, and names an auth
+/// entry that points at the endpoint. The auth entry's dbname is the application entry's
+/// name: that is how the endpoint knows which server's token to answer with.
+pub fn auth_query_databases_ini(databases: &[Database], endpoint_host: &str, port: u16) -> String {
+    let mut ini = String::from(HEADER);
+    ini.push_str("[databases]\n");
+    for database in databases {
+        let auth_entry = auth_database_name(&database.name);
+        let _ = write!(
+            ini,
+            "{} = host={} port={} dbname={} auth_dbname={auth_entry}",
+            database.name,
+            quote_value(&database.target.host),
+            database.target.port,
+            quote_value(&database.dbname),
+        );
+        for (key, value) in &database.options {
+            let _ = write!(ini, " {key}={}", quote_value(value));
+        }
+        let _ = writeln!(
+            ini,
+            "\n{auth_entry} = host={} port={port} dbname={} pool_size=4",
+            quote_value(endpoint_host),
+            quote_value(&database.name),
+        );
+    }
+    ini
+}
+
+pub fn auth_database_name(database: &str) -> String {
+    format!("{AUTH_DATABASE_PREFIX}_{database}")
+}
+
+/// The admin user with a SCRAM verifier of its secret, in auth-query mode the auth user with
+/// its secret in plain text (PgBouncer needs it to log in to the endpoint), and the
+/// applications' users. Plaintext client passwords are stored as SCRAM verifiers.
+pub fn userlist(
+    admin_secret: &SecretString,
+    auth_secret: Option<&SecretString>,
+    clients: &[Client],
+) -> SecretString {
     let mut list = String::new();
     let mut add = |user: &str, secret: &str| {
         let _ = writeln!(list, "{} {}", quote_userlist(user), quote_userlist(secret));
     };
     add(ADMIN_USER, &scram_verifier(admin_secret));
+    if let Some(auth_secret) = auth_secret {
+        add(AUTH_USER, auth_secret.expose_secret());
+    }
     for client in clients {
         match &client.password {
             Some(password) => add(&client.user, &scram_verifier(password)),
@@ -101,8 +154,9 @@ pub fn userlist(admin_secret: &SecretString, clients: &[Client]) -> SecretString
 }
 
 /// Who may log in, and how. Clients without a password may come from loopback only; the
-/// admin console admits the daemon's user only; everything else is rejected.
-pub fn hba(databases: &[Database], clients: &[Client]) -> String {
+/// admin console admits the daemon's user only; everything else is rejected. In auth-query
+/// mode any user may try from loopback: the endpoint's allow-list decides who exists.
+pub fn hba(mode: Mode, databases: &[Database], clients: &[Client]) -> String {
     let mut rules =
         String::from("# Written by aws-pgbouncer. Anything not allowed here is refused.\n");
     let mut allow = |database: &str, user: &str, method: &str, remote: bool| {
@@ -124,6 +178,11 @@ pub fn hba(databases: &[Database], clients: &[Client]) -> String {
             Some(_) => allow(&names, &client.user, "scram-sha-256", true),
             None => allow(&names, &client.user, "trust", false),
         }
+    }
+    if mode == Mode::AuthQuery {
+        let _ = writeln!(rules, "local {names} all trust");
+        let _ = writeln!(rules, "host {names} all 127.0.0.1/32 trust");
+        let _ = writeln!(rules, "host {names} all ::1/128 trust");
     }
     rules
 }
@@ -163,6 +222,7 @@ mod tests {
                 user: user.into(),
                 region: "eu-west-1".into(),
             },
+            allowed_users: vec![user.into()],
             options: vec![("pool_mode".into(), "transaction".into())],
         }
     }
@@ -194,7 +254,11 @@ mod tests {
                 password: Some(SecretString::from("pw")),
             },
         ];
-        let rules = hba(&[database("a", "app"), database("b", "app")], &clients);
+        let rules = hba(
+            Mode::Config,
+            &[database("a", "app"), database("b", "app")],
+            &clients,
+        );
         assert!(rules.contains("host a,b \"app\" 127.0.0.1/32 trust\n"));
         assert!(!rules.contains("\"app\" 0.0.0.0/0"));
         assert!(rules.contains("host a,b \"remote\" 0.0.0.0/0 scram-sha-256\n"));
@@ -210,7 +274,7 @@ mod tests {
             user: "app".into(),
             password: Some(SecretString::from("hunter2")),
         }];
-        let list = userlist(&SecretString::from("admin-secret"), &clients);
+        let list = userlist(&SecretString::from("admin-secret"), None, &clients);
         let text = list.expose_secret();
         assert!(!text.contains("hunter2") && !text.contains("admin-secret"));
         assert_eq!(text.matches("SCRAM-SHA-256$4096:").count(), 2);

@@ -1,0 +1,223 @@
+//! Auth-query mode end to end: the real daemon's endpoint answering a real PgBouncer's
+//! auth_query, in front of the RDS stand-in.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::daemon::Daemon;
+use support::{Standin, free_port, test_dir, write_file};
+use tokio_postgres::NoTls;
+
+async fn connect(port: u16, user: &str, dbname: &str) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname(dbname)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(NoTls)
+        .await
+        .map_err(|error| format!("connect {user}@{dbname}: {}", describe(&error)))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// tokio-postgres shows a server's error only as "db error" unless asked for it.
+fn describe(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map_or_else(|| error.to_string(), |db| db.message().to_owned())
+}
+
+async fn current_user(client: &tokio_postgres::Client) -> Result<String, String> {
+    let rows = client
+        .simple_query("SELECT current_user")
+        .await
+        .map_err(|error| describe(&error))?;
+    rows.iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| "no row".to_owned())
+}
+
+fn start(standin: &Standin, work: &std::path::Path, listen_port: u16, auth_listen: &str) -> Daemon {
+    let config = work.join("aws-pgbouncer.toml");
+    write_file(
+        &config,
+        &format!(
+            r#"
+mode = "auth-query"
+token_lifetime = 20
+listen = "127.0.0.1:{listen_port}"
+auth_listen = "{auth_listen}"
+server_ca_file = "{ca}"
+region = "us-east-1"
+
+[pgbouncer]
+pool_mode = "transaction"
+server_check_delay = 0
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {port}
+dbname = "appdb"
+users = ["app_user", "reporter"]
+"#,
+            ca = standin.ca_path().display(),
+            port = standin.port(),
+        ),
+        0o644,
+    );
+    let mut daemon = Daemon::start(
+        work,
+        &standin.static_creds(),
+        &["--supervise", "--config", config.to_str().unwrap()],
+    );
+    daemon.wait_for_log(
+        "started: PgBouncer has the first tokens",
+        Duration::from_secs(30),
+    );
+    daemon
+}
+
+/// Two IAM users that are in no file reach the stand-in; a user off the allow-list does not,
+/// and nobody but PgBouncer's auth user gets into the endpoint. Over a unix socket, where
+/// PgBouncer never uses TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_users_through_a_unix_socket_endpoint() {
+    let standin = Standin::start();
+    let work = test_dir("auth-query-unix");
+    let listen_port = free_port();
+    let auth_port = free_port();
+    let daemon = start(
+        &standin,
+        work.path(),
+        listen_port,
+        &format!("unix:{auth_port}"),
+    );
+
+    for user in ["app_user", "reporter"] {
+        let client = connect(listen_port, user, "appdb").await.unwrap();
+        assert_eq!(current_user(&client).await.unwrap(), user);
+        let files = [
+            "databases.ini",
+            "userlist.txt",
+            "pg_hba.conf",
+            "pgbouncer.ini",
+        ];
+        for file in files {
+            let text = std::fs::read_to_string(daemon.pgbouncer_dir.join(file)).unwrap();
+            assert!(!text.contains(user), "{user} appears in {file}");
+        }
+    }
+    let refused = match connect(listen_port, "second_user", "appdb").await {
+        Ok(client) => current_user(&client).await.unwrap_err(),
+        Err(error) => error,
+    };
+    assert!(
+        refused.contains("password authentication failed") || refused.contains("no such user"),
+        "{refused}"
+    );
+
+    // The endpoint itself admits PgBouncer's auth user only, with its password.
+    let socket_dir = daemon.pgbouncer_dir.to_str().unwrap().to_owned();
+    let auth_secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("auth-secret")).unwrap();
+    let endpoint_login = |user: &str, password: Option<&str>| {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&socket_dir)
+            .port(auth_port)
+            .user(user)
+            .dbname("appdb");
+        if let Some(password) = password {
+            config.password(password);
+        }
+        async move {
+            config
+                .connect(NoTls)
+                .await
+                .map(drop)
+                .map_err(|e| describe(&e))
+        }
+    };
+    endpoint_login("aws_pgbouncer_auth", Some(auth_secret.trim()))
+        .await
+        .expect("PgBouncer's auth user gets in");
+    // Without a password the server's SCRAM request cannot even be answered.
+    assert!(endpoint_login("aws_pgbouncer_auth", None).await.is_err());
+    for (user, password) in [
+        ("aws_pgbouncer_auth", "wrong"),
+        ("app_user", auth_secret.trim()),
+    ] {
+        let error = endpoint_login(user, Some(password))
+            .await
+            .expect_err("refused");
+        assert!(
+            error.contains("authentication failed") || error.contains("not permitted"),
+            "{user}: {error}"
+        );
+    }
+}
+
+/// The hard part: a client that logged in once and stays connected for more than three token
+/// lifetimes, while its server connections are killed again and again, so PgBouncer must log
+/// in with a token that is current then, not the one from the client's login. Over TCP with
+/// TLS verify-full for both RDS and the endpoint, the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_client_outlives_its_login_token() {
+    let standin = Standin::start();
+    let work = test_dir("auth-query-tcp");
+    let listen_port = free_port();
+    let mut daemon = start(
+        &standin,
+        work.path(),
+        listen_port,
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    let ini = std::fs::read_to_string(daemon.pgbouncer_dir.join("pgbouncer.ini")).unwrap();
+    assert!(ini.contains("server_tls_sslmode = verify-full"), "{ini}");
+
+    let client = connect(listen_port, "app_user", "appdb").await.unwrap();
+    let started = Instant::now();
+    let mut queries = 0;
+    let mut failures = Vec::new();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(68) {
+        match current_user(&client).await {
+            Ok(user) if user == "app_user" => queries += 1,
+            outcome => failures.push(format!("{:?}: {outcome:?}", started.elapsed())),
+        }
+        // The server connection is idle between transactions: kill it.
+        let killed: usize = standin
+            .psql_admin(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE usename = 'app_user' AND state = 'idle'",
+            )
+            .parse()
+            .unwrap();
+        kills += killed;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "failures: {failures:#?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        queries >= 20 && kills >= 10,
+        "{queries} queries, {kills} kills"
+    );
+    let logins: Vec<_> = standin
+        .verifier_log()
+        .into_iter()
+        .filter(|entry| entry["user"] == "app_user")
+        .collect();
+    assert!(
+        logins.len() >= 10 && logins.iter().all(|entry| entry["accepted"] == true),
+        "{logins:#?}"
+    );
+    assert!(daemon.is_running());
+}
