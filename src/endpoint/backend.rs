@@ -266,10 +266,10 @@ mod tests {
         };
         let fields: Vec<_> = m
             .fields()
-            .map(|f| Ok((f.type_(), f.value().to_owned())))
+            .map(|f| Ok((f.type_(), f.value_bytes().to_vec())))
             .collect()
             .unwrap();
-        assert!(fields.contains(&(b'C', "0A000".into())));
+        assert!(fields.contains(&(b'C', b"0A000".to_vec())));
         let Message::ReadyForQuery(m) = next() else {
             panic!()
         };
