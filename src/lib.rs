@@ -19,5 +19,6 @@ pub mod endpoint;
 pub mod http;
 pub mod metrics;
 pub mod pgbouncer;
+pub mod relay;
 pub mod token;
 pub mod wait;

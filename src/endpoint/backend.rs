@@ -21,7 +21,7 @@ pub struct Column<'a> {
 
 /// Appends a message: its type byte, then a length that counts itself, then what `body`
 /// writes.
-fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+pub(crate) fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out.put_u8(tag);
     let at = out.len();
     out.put_i32(0);

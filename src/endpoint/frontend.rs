@@ -45,7 +45,10 @@ impl fmt::Display for ProtocolError {
 pub enum StartupPacket {
     Ssl,
     GssEnc,
-    Cancel,
+    /// The key of the backend to cancel, as its BackendKeyData carried it: the process id,
+    /// then the secret (4 bytes in protocol 3.0, longer in 3.2). Not checked: an unknown key
+    /// is dropped anyway.
+    Cancel(Bytes),
     /// Protocol 3.x; `minor` above 0 is answered with NegotiateProtocolVersion.
     Startup {
         minor: u16,
@@ -155,7 +158,7 @@ fn decode_startup(mut body: Bytes) -> Result<StartupPacket, ProtocolError> {
         }
         SSL_REQUEST => StartupPacket::Ssl,
         GSSENC_REQUEST => StartupPacket::GssEnc,
-        CANCEL_REQUEST => StartupPacket::Cancel,
+        CANCEL_REQUEST => StartupPacket::Cancel(body),
         code if code >> 16 == PROTOCOL_3 >> 16 => {
             let mut params = Vec::new();
             loop {
@@ -349,7 +352,9 @@ mod tests {
         assert_eq!(split_startup(&mut buf, MAX), Ok(Some(StartupPacket::Ssl)));
         assert_eq!(
             split_startup(&mut buf, MAX),
-            Ok(Some(StartupPacket::Cancel))
+            Ok(Some(StartupPacket::Cancel(Bytes::from_static(&[
+                0, 0, 0, 1, 0, 0, 0, 2
+            ]))))
         );
         assert_eq!(split_startup(&mut buf, MAX), Ok(None));
         let mut v2 = BytesMut::from(&[0, 0, 0, 8, 0, 2, 0, 0][..]);

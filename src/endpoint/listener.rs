@@ -133,9 +133,44 @@ pub async fn serve<L: TokenLookup>(
         _ => None,
     };
     let shared = Arc::new(Shared::new(config, lookup));
-    let sessions_allowed = Arc::new(Semaphore::new(limits.max_connections));
+    let session = move |stream, peer, stopped| {
+        let shared = Arc::clone(&shared);
+        let tls = tls.clone();
+        async move {
+            match stream {
+                Stream::Tcp(s) => session::run(s, shared, tls, stopped, peer).await,
+                Stream::Unix(s) => session::run(s, shared, None, stopped, peer).await,
+            }
+        }
+    };
+    serve_with(
+        listener,
+        limits.max_connections,
+        limits.shutdown_grace,
+        shutdown,
+        session,
+    )
+    .await
+}
+
+/// The accept loop of [`serve`], shared with the relay: runs `session` on each accepted
+/// connection (with its peer's address and a flag that turns true at shutdown), refuses
+/// connections beyond `max_connections` with "too many clients", and on shutdown waits up
+/// to `shutdown_grace` for the sessions before cutting them off.
+pub(crate) async fn serve_with<F, Fut>(
+    listener: BoundListener,
+    max_connections: usize,
+    shutdown_grace: Duration,
+    shutdown: impl Future<Output = ()>,
+    session: F,
+) -> io::Result<()>
+where
+    F: Fn(Stream, String, watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let sessions_allowed = Arc::new(Semaphore::new(max_connections));
     // Refusing takes a moment too (the client must get to read why); bound those as well.
-    let refusals_allowed = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let refusals_allowed = Arc::new(Semaphore::new(max_connections.max(1)));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
@@ -157,18 +192,13 @@ pub async fn serve<L: TokenLookup>(
             Err(e) => break Err(e),
         };
         if let Ok(permit) = Arc::clone(&sessions_allowed).try_acquire_owned() {
-            let shared = Arc::clone(&shared);
-            let tls = tls.clone();
-            let stopped = stopped.clone();
+            let running = session(stream, peer, stopped.clone());
             tasks.spawn(async move {
-                match stream {
-                    Stream::Tcp(s) => session::run(s, shared, tls, stopped, peer).await,
-                    Stream::Unix(s) => session::run(s, shared, None, stopped, peer).await,
-                }
+                running.await;
                 drop(permit);
             });
         } else if let Ok(permit) = Arc::clone(&refusals_allowed).try_acquire_owned() {
-            tracing::warn!(peer, max = limits.max_connections, "too many connections");
+            tracing::warn!(peer, max = max_connections, "too many connections");
             tasks.spawn(async move {
                 match stream {
                     Stream::Tcp(s) => refuse(s).await,
@@ -181,7 +211,7 @@ pub async fn serve<L: TokenLookup>(
 
     drop(listener);
     let _ = stop.send(true);
-    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+    let drained = tokio::time::timeout(shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
@@ -195,7 +225,8 @@ pub async fn serve<L: TokenLookup>(
     result
 }
 
-enum Stream {
+/// An accepted connection.
+pub(crate) enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }

@@ -16,11 +16,12 @@
 //!
 //! The target is the database PgBouncer connected to, i.e. its `auth_dbname`.
 
-mod backend;
-mod frontend;
-mod listener;
-mod scram;
-mod session;
+// The relay (`crate::relay`) reuses the protocol, SCRAM and listener code.
+pub(crate) mod backend;
+pub(crate) mod frontend;
+pub(crate) mod listener;
+pub(crate) mod scram;
+pub(crate) mod session;
 mod tls;
 
 pub use listener::{BoundListener, DEFAULT_SOCKET_MODE, Listen, serve};

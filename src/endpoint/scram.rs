@@ -34,6 +34,15 @@ impl fmt::Debug for ScramSecret {
 }
 
 impl ScramSecret {
+    /// The verifier a server keeps for a password it generated itself: derived once (PBKDF2
+    /// is deliberately slow) with a salt that is random per server, as PostgreSQL's is
+    /// random per role.
+    pub fn generate(password: &SecretString) -> Self {
+        let mut salt = [0u8; 16];
+        rand::fill(&mut salt);
+        Self::derive(password, &salt, ITERATIONS)
+    }
+
     /// Derives the verifier from the password, SASLprep-normalised as PostgreSQL and
     /// PgBouncer do (falling back to the raw bytes when it is not valid for SASLprep).
     pub fn derive(password: &SecretString, salt: &[u8], iterations: u32) -> Self {

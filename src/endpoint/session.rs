@@ -30,12 +30,8 @@ pub(crate) struct Shared<L> {
 }
 
 impl<L: TokenLookup> Shared<L> {
-    /// Derives the SCRAM verifier once (PBKDF2 is deliberately slow) with a salt that is
-    /// random per endpoint, as PostgreSQL's is random per role.
     pub fn new(config: Arc<EndpointConfig>, lookup: Arc<L>) -> Self {
-        let mut salt = [0u8; 16];
-        rand::fill(&mut salt);
-        let secret = ScramSecret::derive(&config.auth_secret, &salt, scram::ITERATIONS);
+        let secret = ScramSecret::generate(&config.auth_secret);
         Self {
             config,
             secret,
@@ -78,9 +74,12 @@ const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a session ends.
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     /// The client left: EOF, Terminate or CancelRequest.
     Quiet,
+    /// The client already has its answer in the output buffer (the relay passes an
+    /// upstream's ErrorResponse on as is).
+    Answered,
     Io(io::Error),
     Protocol(ProtocolError),
     /// A FATAL error to report (SQLSTATE, message).
@@ -102,15 +101,19 @@ impl From<io::Error> for End {
     }
 }
 
-struct Conn<S> {
-    stream: S,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
+/// A framed connection. The relay uses one towards PgBouncer and one towards the upstream
+/// server: the framing is the same in both directions.
+pub(crate) struct Conn<S> {
+    pub stream: S,
+    /// Read but not yet framed.
+    pub rbuf: BytesMut,
+    /// Written on the next flush.
+    pub wbuf: BytesMut,
     max_message: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    fn new(stream: S, max_message: usize) -> Self {
+    pub fn new(stream: S, max_message: usize) -> Self {
         Self {
             stream,
             rbuf: BytesMut::with_capacity(1024),
@@ -139,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Cancel-safe: a partial frame stays in `rbuf`.
-    async fn read_message(&mut self) -> Result<(u8, Bytes), End> {
+    pub async fn read_message(&mut self) -> Result<(u8, Bytes), End> {
         loop {
             if let Some(message) = frontend::split_message(&mut self.rbuf, self.max_message)? {
                 return Ok(message);
@@ -148,16 +151,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
+    pub async fn flush(&mut self) -> io::Result<()> {
         self.stream.write_all(&self.wbuf).await?;
         self.wbuf.clear();
         self.stream.flush().await
     }
 
     /// Tells the client why the session ends, when it is owed a reason, and closes.
-    async fn finish(mut self, end: End, peer: &str) {
+    pub async fn finish(mut self, end: End, peer: &str) {
         let fatal: Option<(&str, String)> = match &end {
-            End::Quiet | End::Io(_) => None,
+            End::Quiet | End::Answered | End::Io(_) => None,
             End::Protocol(e) => Some(("08P01", e.to_string())),
             End::Fatal(code, message) => Some((code, message.clone())),
             End::HandshakeTimeout => {
@@ -173,6 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         };
         match &end {
             End::Quiet => tracing::debug!(peer, "session closed by the client"),
+            End::Answered => tracing::debug!(peer, "session ended after its answer"),
             End::Io(e) => tracing::debug!(peer, error = %e, "session ended on an I/O error"),
             _ => tracing::info!(peer, reason = ?fatal.as_ref().map(|f| &f.1), "session ended"),
         }
@@ -211,6 +215,7 @@ pub(crate) async fn run<S, L>(
         Ok(Negotiated::Startup(params)) => {
             session(conn, params, &shared, deadline, shutdown, &peer).await;
         }
+        Ok(Negotiated::Cancel(_)) => conn.finish(End::Quiet, &peer).await,
         Ok(Negotiated::StartTls) => {
             let Some(acceptor) = tls else { return };
             match timeout_at(deadline, acceptor.accept(conn.stream)).await {
@@ -220,6 +225,7 @@ pub(crate) async fn run<S, L>(
                         Ok(Negotiated::Startup(params)) => {
                             session(conn, params, &shared, deadline, shutdown, &peer).await;
                         }
+                        Ok(Negotiated::Cancel(_)) => conn.finish(End::Quiet, &peer).await,
                         Ok(Negotiated::StartTls) => {}
                         Err(end) => conn.finish(end, &peer).await,
                     }
@@ -233,7 +239,7 @@ pub(crate) async fn run<S, L>(
 }
 
 /// Runs `work` until the handshake deadline or shutdown, whichever comes first.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
     work: impl Future<Output = Result<T, End>>,
@@ -251,13 +257,15 @@ async fn signalled(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
-enum Negotiated {
+pub(crate) enum Negotiated {
     Startup(Vec<(String, String)>),
+    /// A CancelRequest with the key it names.
+    Cancel(Bytes),
     StartTls,
 }
 
-/// Answers encryption requests until the startup packet comes.
-async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+/// Answers encryption requests until the startup packet (or a CancelRequest) comes.
+pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     offer_tls: bool,
 ) -> Result<Negotiated, End> {
@@ -277,7 +285,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 conn.stream.write_all(b"N").await?;
                 conn.stream.flush().await?;
             }
-            StartupPacket::Cancel => return Err(End::Quiet),
+            StartupPacket::Cancel(key) => return Ok(Negotiated::Cancel(key)),
             StartupPacket::Unsupported(code) => {
                 return Err(End::Fatal(
                     "0A000",
@@ -366,6 +374,20 @@ where
             format!("role \"{user}\" is not permitted to log in to the auth endpoint"),
         ));
     }
+    let server_final = scram_exchange(conn, &shared.secret, user).await?;
+    backend::authentication_sasl_final(&mut conn.wbuf, server_final.as_bytes());
+    backend::authentication_ok(&mut conn.wbuf);
+    Ok(())
+}
+
+/// SCRAM-SHA-256 up to the check of the client's proof. Returns the server-final-message
+/// unsent, so that the relay can hold it back until the upstream server has accepted the
+/// login: PgBouncer then never sees a success followed by a failure.
+pub(crate) async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    secret: &ScramSecret,
+    user: &str,
+) -> Result<String, End> {
     let failed = || {
         End::Fatal(
             "28P01",
@@ -391,16 +413,12 @@ where
     let mut nonce = [0u8; 18];
     rand::fill(&mut nonce);
     let nonce = base64::engine::general_purpose::STANDARD.encode(nonce);
-    let (state, server_first) =
-        scram::client_first(&shared.secret, &first, &nonce).map_err(scram_end)?;
+    let (state, server_first) = scram::client_first(secret, &first, &nonce).map_err(scram_end)?;
     backend::authentication_sasl_continue(&mut conn.wbuf, server_first.as_bytes());
     conn.flush().await?;
-    let server_final = state
+    state
         .client_final(&password_message(conn).await?)
-        .map_err(scram_end)?;
-    backend::authentication_sasl_final(&mut conn.wbuf, server_final.as_bytes());
-    backend::authentication_ok(&mut conn.wbuf);
-    Ok(())
+        .map_err(scram_end)
 }
 
 /// The next message, which must be a 'p' (or a Terminate).

@@ -1,0 +1,193 @@
+//! The passthrough relay: PgBouncer's server connections go through it, and it logs each one
+//! in to RDS with a fresh IAM token, then steps aside.
+//!
+//! PgBouncer holds no token at all in this mode, so no token can go stale inside it: every
+//! server login, however long after the client's, gets a token minted (or cached) for that
+//! login. For each connection PgBouncer opens, the relay
+//!
+//! 1. authenticates PgBouncer (below);
+//! 2. connects to the upstream server, asks for TLS and verifies its certificate against
+//!    the configured CA bundle and the upstream host name (verify-full);
+//! 3. sends PgBouncer's startup packet on, with the database name of the target;
+//! 4. answers the server's AuthenticationCleartextPassword with the token for
+//!    (host, port, user, region). A server that asks for MD5 or SCRAM instead means the
+//!    user is not an IAM user, which PgBouncer is told in plain words; the server's own
+//!    errors (`PAM authentication failed for user "U"`) reach PgBouncer unchanged;
+//! 5. passes on everything up to ReadyForQuery, noting the BackendKeyData, then copies bytes
+//!    both ways without looking at them until either side closes.
+//!
+//! **How PgBouncer logs in to the relay.** PgBouncer logs in to a server as the user of its
+//! pool, i.e. as the IAM user, with the password its configuration holds for that user
+//! (userlist, or the `[databases]` entry's forced `password=`). The relay admits any user
+//! name whose password is the relay secret, with SCRAM-SHA-256, so **every IAM user's password
+//! in PgBouncer's configuration is the same relay secret**; the secret proves "this is our
+//! PgBouncer", and RDS decides whether the user exists. On a unix socket, a peer whose uid is
+//! [`RelayConfig::peer_uid`] is admitted without a password. Anyone else gets an
+//! ErrorResponse (28P01) before anything reaches the upstream server. PgBouncer's
+//! `server_tls_sslmode` must let it talk to the relay without TLS (`disable` or `prefer`):
+//! the relay listens on loopback or a unix socket and does the TLS towards RDS itself.
+//!
+//! **Which upstream.** Targets are keyed by the database name PgBouncer sends, i.e. the
+//! `dbname` of its `[databases]` entry. Each target names the upstream host, port, region and
+//! the real database name to log in to, so one relay serves several RDS endpoints, even ones
+//! whose databases have the same name. An unknown name is refused with 3D000.
+//!
+//! **Cancel requests.** The upstream's BackendKeyData reaches PgBouncer unchanged, and the
+//! relay maps that key to the upstream for as long as the session lives. PgBouncer cancels by
+//! opening a new server connection and sending the key, which the relay looks up and forwards
+//! (over TLS) to that upstream; unknown keys are dropped silently, as PostgreSQL drops them.
+
+mod cancel;
+mod session;
+mod upstream;
+
+use crate::endpoint::BoundListener;
+use crate::endpoint::listener::serve_with;
+use crate::endpoint::scram::ScramSecret;
+use crate::token::TokenSource;
+use cancel::CancelMap;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::{ClientConfig, RootCertStore};
+use secrecy::SecretString;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a target's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name (or address) to connect to; also the name its certificate must carry and
+    /// the host the token is minted for, so it must be the name clients use for RDS.
+    pub host: String,
+    pub port: u16,
+    /// Region the token is signed for.
+    pub region: String,
+    /// Database name sent upstream in place of the target's name.
+    pub database: String,
+}
+
+/// What bounds each connection and the relay as a whole.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections at once, cancel requests included; more are refused with 53300. Keep it
+    /// above the sum of PgBouncer's server pool sizes for the relayed databases.
+    pub max_connections: usize,
+    /// Largest message accepted before the relay steps aside, header included: PgBouncer's
+    /// startup and SCRAM messages, and the upstream's messages up to ReadyForQuery.
+    pub max_message_bytes: usize,
+    /// From accept to the upstream's ReadyForQuery: PgBouncer's login, the upstream
+    /// connection, TLS, the token and the upstream login. Keep it below PgBouncer's
+    /// `server_connect_timeout` (15 s by default) so that PgBouncer hears why.
+    pub handshake_timeout: Duration,
+    /// How long `serve` lets relayed sessions go on after shutdown before cutting them off.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_message_bytes: 16 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The relay's settings.
+pub struct RelayConfig {
+    /// PgBouncer's password for every relayed user.
+    pub secret: SecretString,
+    /// On a unix socket, the uid admitted without a password (PgBouncer's).
+    pub peer_uid: Option<u32>,
+    /// TLS towards the upstream servers; [`upstream_tls`] builds the verify-full one.
+    pub upstream_tls: Arc<ClientConfig>,
+    /// By the database name PgBouncer sends.
+    pub targets: HashMap<String, Upstream>,
+    pub limits: Limits,
+}
+
+impl fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("secret", &"[redacted]")
+            .field("peer_uid", &self.peer_uid)
+            .field("targets", &self.targets)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS that verifies the upstream's certificate chain against the PEM bundle at `ca_file` (the
+/// RDS bundle) and its name against the upstream host, as libpq's `verify-full` does.
+pub fn upstream_tls(ca_file: &Path) -> Result<Arc<ClientConfig>, String> {
+    let certificates = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| format!("CA file {}: {error}", ca_file.display()))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certificates);
+    if added == 0 {
+        return Err(format!(
+            "CA file {} holds no usable CA certificate",
+            ca_file.display()
+        ));
+    }
+    // An explicit provider: the dependency tree may enable more than one rustls backend, and
+    // then the process-wide default is ambiguous.
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS versions: {error}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// What every connection of one relay shares.
+struct Shared {
+    config: Arc<RelayConfig>,
+    secret: ScramSecret,
+    source: Arc<TokenSource>,
+    tls: tokio_rustls::TlsConnector,
+    cancels: CancelMap,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and returns once the relayed
+/// sessions have ended, or after `limits.shutdown_grace`. Errors are those of the listening
+/// socket itself; a failing connection only ends itself.
+pub async fn serve(
+    listener: BoundListener,
+    config: Arc<RelayConfig>,
+    source: Arc<TokenSource>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let limits = config.limits.clone();
+    let shared = Arc::new(Shared {
+        secret: ScramSecret::generate(&config.secret),
+        tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
+        config,
+        source,
+        cancels: CancelMap::default(),
+    });
+    let connection =
+        move |stream, peer, stopped| session::run(Arc::clone(&shared), stream, peer, stopped);
+    serve_with(
+        listener,
+        limits.max_connections,
+        limits.shutdown_grace,
+        shutdown,
+        connection,
+    )
+    .await
+}
+
+/// Entry point for the fuzz target in `fuzz/` and the test that replays it.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::session::fuzz_relay;
+}

@@ -1,0 +1,420 @@
+//! One connection from PgBouncer: a server login to relay, or a cancel request to forward.
+//!
+//! Up to the upstream's ReadyForQuery every message is framed and bounded in size, and the
+//! whole handshake in time; after it the relay copies bytes and looks at none of them.
+
+use super::cancel::{self, Registration};
+use super::upstream::{self, UpstreamStream};
+use super::{Shared, Upstream};
+use crate::endpoint::backend;
+use crate::endpoint::listener::Stream;
+use crate::endpoint::session::{Conn, End, Negotiated, bounded, negotiate, scram_exchange};
+use crate::token::TokenKey;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::message::frontend;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout_at};
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    stream: Stream,
+    peer: String,
+    stopped: watch::Receiver<bool>,
+) {
+    match stream {
+        Stream::Tcp(s) => connection(&shared, s, false, peer, stopped).await,
+        Stream::Unix(s) => {
+            let trusted = shared.config.peer_uid.is_some_and(|uid| {
+                s.peer_cred()
+                    .is_ok_and(|credentials| credentials.uid() == uid)
+            });
+            connection(&shared, s, trusted, peer, stopped).await;
+        }
+    }
+}
+
+/// `trusted`: the peer's uid already proved it is PgBouncer, so no password is asked.
+async fn connection<S>(
+    shared: &Shared,
+    stream: S,
+    trusted: bool,
+    peer: String,
+    stopped: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let limits = &shared.config.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let mut client = Conn::new(stream, limits.max_message_bytes);
+    // TLS is never offered: PgBouncer reaches the relay over loopback or a unix socket.
+    let params = match bounded(deadline, stopped.clone(), negotiate(&mut client, false)).await {
+        Ok(Negotiated::Startup(params)) => params,
+        Ok(Negotiated::Cancel(key)) => {
+            forward_cancel(shared, &key, deadline, &peer).await;
+            return client.finish(End::Quiet, &peer).await;
+        }
+        Ok(Negotiated::StartTls) => return,
+        Err(end) => return client.finish(end, &peer).await,
+    };
+    let logged_in = bounded(
+        deadline,
+        stopped,
+        login(shared, &mut client, &params, trusted),
+    )
+    .await;
+    match logged_in {
+        Ok((server, registration)) => {
+            relay(client, server, &peer).await;
+            drop(registration);
+        }
+        Err(end) => client.finish(end, &peer).await,
+    }
+}
+
+async fn forward_cancel(shared: &Shared, key: &[u8], deadline: Instant, peer: &str) {
+    let Some(upstream) = shared.cancels.lookup(key) else {
+        tracing::debug!(peer, "cancel request with an unknown key dropped");
+        return;
+    };
+    let forwarded = timeout_at(deadline, cancel::forward(&upstream, &shared.tls, key)).await;
+    match forwarded {
+        Ok(Ok(())) => tracing::debug!(peer, host = upstream.host, "cancel request forwarded"),
+        Ok(Err(error)) => tracing::warn!(peer, error, "cancel request not forwarded"),
+        Err(_) => tracing::warn!(peer, host = upstream.host, "forwarding a cancel timed out"),
+    }
+}
+
+/// Authenticates PgBouncer, then logs in upstream. PgBouncer's login succeeds only when the
+/// upstream's does: the SCRAM server-final-message is held back until then.
+async fn login<S>(
+    shared: &Shared,
+    client: &mut Conn<S>,
+    params: &[(String, String)],
+    trusted: bool,
+) -> Result<(Conn<UpstreamStream>, Option<Registration>), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let user = param("user").unwrap_or_default();
+    if user.is_empty() {
+        return Err(End::Fatal(
+            "28000",
+            "no PostgreSQL user name specified in startup packet".into(),
+        ));
+    }
+    let server_final = if trusted {
+        None
+    } else {
+        Some(scram_exchange(client, &shared.secret, user).await?)
+    };
+    // Only now, so that the target names are not disclosed to whoever can connect.
+    let database = param("database").filter(|d| !d.is_empty()).unwrap_or(user);
+    let Some(target) = shared.config.targets.get(database) else {
+        return Err(End::Fatal(
+            "3D000",
+            format!("database \"{database}\" does not exist: the relay has no target of that name"),
+        ));
+    };
+    let stream = upstream::connect(target, &shared.tls)
+        .await
+        .map_err(|error| End::Fatal("08001", error))?;
+    let mut server = Conn::new(stream, shared.config.limits.max_message_bytes);
+    let key = upstream_login(
+        shared,
+        &mut server,
+        &mut client.wbuf,
+        target,
+        params,
+        server_final,
+    )
+    .await?;
+    // Registered before PgBouncer sees ReadyForQuery, so before it can want to cancel.
+    let registration = key.map(|key| shared.cancels.register(key, target.clone()));
+    Ok((server, registration))
+}
+
+/// Logs in to `target` as PgBouncer's user and writes into `out` what PgBouncer gets: the
+/// SASL final message and AuthenticationOk, then the upstream's messages up to and including
+/// ReadyForQuery. Returns the upstream's cancel key, if it sent one.
+async fn upstream_login<U>(
+    shared: &Shared,
+    server: &mut Conn<U>,
+    out: &mut BytesMut,
+    target: &Upstream,
+    params: &[(String, String)],
+    server_final: Option<String>,
+) -> Result<Option<Bytes>, End>
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map_or("", |(_, v)| v.as_str());
+    // Protocol 3.0 without `_pq_.` options: what `negotiate` told PgBouncer it speaks.
+    let forwarded = params
+        .iter()
+        .filter(|(k, _)| k != "database" && !k.starts_with("_pq_."))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([("database", target.database.as_str())]);
+    frontend::startup_message(forwarded, &mut server.wbuf)?;
+    server
+        .flush()
+        .await
+        .map_err(|e| upstream_failed(target, e.into()))?;
+
+    // Notices the server sends before AuthenticationOk wait until PgBouncer has its own.
+    let mut held = BytesMut::new();
+    loop {
+        let (tag, body) = server
+            .read_message()
+            .await
+            .map_err(|e| upstream_failed(target, e))?;
+        match tag {
+            b'R' => match auth_request(&body)? {
+                0 => break,
+                3 => {
+                    let key = TokenKey {
+                        host: target.host.clone(),
+                        port: target.port,
+                        user: user.to_owned(),
+                        region: target.region.clone(),
+                    };
+                    let fresh = shared.source.token(&key).await.map_err(|error| {
+                        End::Fatal("58000", format!("no IAM token for {key}: {error}"))
+                    })?;
+                    frontend::password_message(fresh.token.expose().as_bytes(), &mut server.wbuf)?;
+                    server
+                        .flush()
+                        .await
+                        .map_err(|e| upstream_failed(target, e.into()))?;
+                }
+                5 | 10 => {
+                    return Err(End::Fatal(
+                        "28000",
+                        format!(
+                            "user \"{user}\" is not an IAM user: the server asked for a password \
+                             (GRANT rds_iam TO {user})"
+                        ),
+                    ));
+                }
+                code => {
+                    return Err(End::Fatal(
+                        "28000",
+                        format!(
+                            "the server asked for authentication method {code}; the relay \
+                             answers only with IAM tokens"
+                        ),
+                    ));
+                }
+            },
+            b'E' => {
+                tracing::info!(
+                    user,
+                    host = target.host,
+                    "the upstream server refused the login"
+                );
+                pass_on(out, tag, &body);
+                return Err(End::Answered);
+            }
+            b'N' => pass_on(&mut held, tag, &body),
+            other => return Err(unexpected(other)),
+        }
+    }
+    if let Some(server_final) = server_final {
+        backend::authentication_sasl_final(out, server_final.as_bytes());
+    }
+    backend::authentication_ok(out);
+    out.put_slice(&held);
+
+    let mut cancel_key = None;
+    loop {
+        let (tag, body) = server
+            .read_message()
+            .await
+            .map_err(|e| upstream_failed(target, e))?;
+        pass_on(out, tag, &body);
+        match tag {
+            b'Z' => return Ok(cancel_key),
+            b'K' => cancel_key = Some(body),
+            // After AuthenticationOk, e.g. "database does not exist": PgBouncer reads it as
+            // it would from the server itself.
+            b'E' => return Err(End::Answered),
+            b'S' | b'N' => {}
+            other => return Err(unexpected(other)),
+        }
+    }
+}
+
+/// Copies both ways until either side closes. Bytes already read past the handshake on
+/// either side go first.
+async fn relay<S, U>(mut client: Conn<S>, mut server: Conn<U>, peer: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let relayed = async {
+        if !client.rbuf.is_empty() {
+            server.stream.write_all(&client.rbuf).await?;
+            server.stream.flush().await?;
+        }
+        client.wbuf.put_slice(&server.rbuf);
+        client.flush().await?;
+        tokio::io::copy_bidirectional(&mut client.stream, &mut server.stream).await
+    };
+    match relayed.await {
+        Ok((up, down)) => tracing::debug!(peer, up, down, "relayed session ended"),
+        Err(error) => tracing::debug!(peer, %error, "relayed session ended on an I/O error"),
+    }
+}
+
+/// The authentication request code of an 'R' message.
+fn auth_request(body: &[u8]) -> Result<i32, End> {
+    let mut body = body;
+    body.try_get_i32().map_err(|_| {
+        End::Fatal(
+            "08P01",
+            "the server sent a malformed authentication request".into(),
+        )
+    })
+}
+
+fn pass_on(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    backend::message(out, tag, |b| b.put_slice(body));
+}
+
+fn unexpected(tag: u8) -> End {
+    End::Fatal(
+        "08P01",
+        format!("the server sent an unexpected message (type 0x{tag:02x}) during login"),
+    )
+}
+
+/// What PgBouncer hears when the upstream connection fails during the login.
+fn upstream_failed(target: &Upstream, end: End) -> End {
+    let why = match end {
+        End::Io(error) => error.to_string(),
+        End::Protocol(error) => error.to_string(),
+        _ => "closed the connection".to_owned(),
+    };
+    End::Fatal(
+        "08006",
+        format!(
+            "upstream {}:{} during login: {why}",
+            target.host, target.port
+        ),
+    )
+}
+
+/// Feeds `data` to the relay through an in-memory pipe and lets it run to its end. The first
+/// byte picks the side: 0 mod 3, `data` is what PgBouncer sends (startup, SCRAM); 1 mod 3,
+/// the same from a peer trusted by uid, so the login goes on to the (unreachable) upstream;
+/// 2 mod 3, `data` is what the upstream server answers to a login.
+#[doc(hidden)]
+pub fn fuzz_relay(data: &[u8]) {
+    use super::{Limits, RelayConfig};
+    use crate::token::{CredentialCache, TokenSource};
+    use aws_credential_types::Credentials;
+    use aws_credential_types::provider::SharedCredentialsProvider;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    const DATABASE: &str = "db";
+    static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
+    let shared = SHARED.get_or_init(|| {
+        let credentials = Credentials::new("AKIDFUZZ", "fuzz-secret", None, None, "fuzz");
+        let lifetime = Duration::from_secs(900);
+        let source = TokenSource::new(
+            CredentialCache::new(SharedCredentialsProvider::new(credentials), lifetime),
+            lifetime,
+        );
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        // Port 1 on loopback refuses at once: the trusted side ends at the connect.
+        let target = Upstream {
+            host: "127.0.0.1".into(),
+            port: 1,
+            region: "us-east-1".into(),
+            database: "appdb".into(),
+        };
+        let config = Arc::new(RelayConfig {
+            secret: "relay-secret".to_owned().into(),
+            peer_uid: None,
+            upstream_tls: Arc::new(tls),
+            targets: [(DATABASE.to_owned(), target)].into(),
+            limits: Limits {
+                max_message_bytes: 1024,
+                handshake_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+        });
+        Arc::new(Shared {
+            secret: crate::endpoint::scram::ScramSecret::generate(&config.secret),
+            tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
+            config,
+            source,
+            cancels: super::cancel::CancelMap::default(),
+        })
+    });
+    let Some((&mode, input)) = data.split_first() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    runtime.block_on(async {
+        let (peer, relay_side) = tokio::io::duplex(4096);
+        let (mut peer_read, mut peer_write) = tokio::io::split(peer);
+        let feed = async {
+            let _ = peer_write.write_all(input).await;
+            let _ = peer_write.shutdown().await;
+        };
+        let drain = async {
+            let mut sink = Vec::new();
+            let _ = peer_read.read_to_end(&mut sink).await;
+        };
+        let (_stop, stopped) = watch::channel(false);
+        let relay = async {
+            match mode % 3 {
+                0 | 1 => {
+                    let trusted = mode % 3 == 1;
+                    connection(shared, relay_side, trusted, "fuzz".into(), stopped).await;
+                }
+                _ => {
+                    let mut server = Conn::new(relay_side, shared.config.limits.max_message_bytes);
+                    let params = [
+                        ("user".to_owned(), "app_user".to_owned()),
+                        ("database".to_owned(), DATABASE.to_owned()),
+                    ];
+                    let target = &shared.config.targets[DATABASE];
+                    let mut out = BytesMut::new();
+                    let _ = upstream_login(
+                        shared,
+                        &mut server,
+                        &mut out,
+                        target,
+                        &params,
+                        Some("v=fuzz".into()),
+                    )
+                    .await;
+                }
+            }
+        };
+        tokio::join!(feed, drain, relay);
+    });
+}

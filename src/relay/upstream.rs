@@ -1,0 +1,49 @@
+//! The connection to an upstream server: TCP, SSLRequest, then TLS with verify-full.
+
+use super::Upstream;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// Length 8, then the SSLRequest code 1234.5679.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+pub(super) type UpstreamStream = TlsStream<TcpStream>;
+
+/// Connects and starts TLS. The error says which step failed, in words fit for PgBouncer's
+/// log; it holds no secret.
+pub(super) async fn connect(
+    upstream: &Upstream,
+    tls: &TlsConnector,
+) -> Result<UpstreamStream, String> {
+    let addr = format!("{}:{}", upstream.host, upstream.port);
+    let mut tcp = TcpStream::connect((upstream.host.as_str(), upstream.port))
+        .await
+        .map_err(|e| format!("could not connect to {addr}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    tcp.write_all(&SSL_REQUEST)
+        .await
+        .map_err(|e| format!("could not send the SSL request to {addr}: {e}"))?;
+    // Exactly one byte: anything the server sent after it would be outside TLS
+    // (CVE-2021-23222), and the handshake below would take it for TLS records and fail.
+    let answer = tcp
+        .read_u8()
+        .await
+        .map_err(|e| format!("no answer to the SSL request from {addr}: {e}"))?;
+    match answer {
+        b'S' => {}
+        b'N' => return Err(format!("{addr} does not offer TLS")),
+        _ => {
+            return Err(format!(
+                "{addr} answered the SSL request with neither S nor N: not a PostgreSQL server?"
+            ));
+        }
+    }
+    let name = ServerName::try_from(upstream.host.clone())
+        .map_err(|_| format!("{} is not a valid TLS server name", upstream.host))?;
+    tls.connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {addr} failed: {e}"))
+}
