@@ -4,42 +4,13 @@
 mod support;
 
 use std::time::{Duration, Instant};
+use support::client::{connect, describe, kill_idle_backends, scalar};
 use support::daemon::Daemon;
 use support::{Standin, free_port, test_dir, write_file};
 use tokio_postgres::NoTls;
 
-async fn connect(port: u16, user: &str, dbname: &str) -> Result<tokio_postgres::Client, String> {
-    let (client, connection) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user(user)
-        .dbname(dbname)
-        .connect_timeout(Duration::from_secs(10))
-        .connect(NoTls)
-        .await
-        .map_err(|error| format!("connect {user}@{dbname}: {}", describe(&error)))?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-/// tokio-postgres shows a server's error only as "db error" unless asked for it.
-fn describe(error: &tokio_postgres::Error) -> String {
-    error
-        .as_db_error()
-        .map_or_else(|| error.to_string(), |db| db.message().to_owned())
-}
-
 async fn current_user(client: &tokio_postgres::Client) -> Result<String, String> {
-    let rows = client
-        .simple_query("SELECT current_user")
-        .await
-        .map_err(|error| describe(&error))?;
-    rows.iter()
-        .find_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .ok_or_else(|| "no row".to_owned())
+    scalar(client, "SELECT current_user").await
 }
 
 fn start(standin: &Standin, work: &std::path::Path, listen_port: u16, auth_listen: &str) -> Daemon {
@@ -191,14 +162,7 @@ async fn a_long_lived_client_outlives_its_login_token() {
             outcome => failures.push(format!("{:?}: {outcome:?}", started.elapsed())),
         }
         // The server connection is idle between transactions: kill it.
-        let killed: usize = standin
-            .psql_admin(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE usename = 'app_user' AND state = 'idle'",
-            )
-            .parse()
-            .unwrap();
-        kills += killed;
+        kills += kill_idle_backends(&standin, "app_user");
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     assert!(

@@ -7,59 +7,14 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+use support::client::{Tally, connect, kill_idle_backends, scalar};
 use support::daemon::Daemon;
 use support::{Standin, free_port, test_dir, write_file};
-use tokio_postgres::NoTls;
 
 const LIFETIME_SECS: u64 = 20;
 const RUN_FOR: Duration = Duration::from_secs(3 * LIFETIME_SECS + 8);
-
-async fn connect(port: u16, user: &str, dbname: &str) -> Result<tokio_postgres::Client, String> {
-    let (client, connection) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user(user)
-        .dbname(dbname)
-        .connect_timeout(Duration::from_secs(10))
-        .connect(NoTls)
-        .await
-        .map_err(|error| format!("connect {user}@{dbname}: {error}"))?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
-async fn scalar(client: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
-    let rows = client
-        .simple_query(sql)
-        .await
-        .map_err(|error| format!("{sql}: {error}"))?;
-    rows.iter()
-        .find_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .ok_or_else(|| format!("{sql}: no row"))
-}
-
-/// Failures seen by the traffic generators, with what failed.
-#[derive(Default)]
-struct Tally {
-    ok: AtomicUsize,
-    failures: std::sync::Mutex<Vec<String>>,
-}
-
-impl Tally {
-    fn record(&self, outcome: Result<(), String>) {
-        match outcome {
-            Ok(()) => {
-                self.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(error) => self.failures.lock().unwrap().push(error),
-        }
-    }
-}
 
 fn config_file(work: &Path, standin: &Standin, listen_port: u16) -> std::path::PathBuf {
     let path = work.join("aws-pgbouncer.toml");
@@ -194,10 +149,7 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
         // Every ~5 s, kill app_user's idle server connections so PgBouncer must log in again.
         if started.elapsed().as_secs() / 5 > kills {
             kills += 1;
-            standin.psql_admin(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE usename = 'app_user' AND state = 'idle'",
-            );
+            kill_idle_backends(&standin, "app_user");
         }
     }
     let same_backend = scalar(&session, "SELECT pg_backend_pid()").await.unwrap();
@@ -206,16 +158,13 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
         task.await.unwrap();
     }
 
-    let failures = tally.failures.lock().unwrap().clone();
+    let failures = tally.failures();
     assert!(
         failures.is_empty(),
         "failed queries: {failures:#?}\n{}",
         daemon.log()
     );
-    assert!(
-        tally.ok.load(Ordering::Relaxed) > 150,
-        "too little traffic to mean anything"
-    );
+    assert!(tally.ok() > 150, "too little traffic to mean anything");
     assert_eq!(
         first_backend, same_backend,
         "a reload dropped a server connection"

@@ -11,6 +11,7 @@
 //! on the test's own thread (not on a helper thread that ends before the test does).
 #![allow(dead_code)]
 
+pub mod client;
 pub mod credentials_server;
 pub mod daemon;
 

@@ -1,0 +1,86 @@
+//! A real Postgres client (tokio-postgres) for traffic through PgBouncer, and a tally of what
+//! that traffic saw.
+
+use super::Standin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+/// A client of PgBouncer on 127.0.0.1:`port`, without a password (loopback trust).
+pub async fn connect(
+    port: u16,
+    user: &str,
+    dbname: &str,
+) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname(dbname)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(NoTls)
+        .await
+        .map_err(|error| format!("connect {user}@{dbname}: {}", describe(&error)))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// tokio-postgres shows a server's error only as "db error" unless asked for it.
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map_or_else(|| error.to_string(), |db| db.message().to_owned())
+}
+
+/// The first column of the first row of `sql`.
+pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
+    let rows = client
+        .simple_query(sql)
+        .await
+        .map_err(|error| format!("{sql}: {}", describe(&error)))?;
+    rows.iter()
+        .find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| format!("{sql}: no row"))
+}
+
+/// Kills `user`'s idle server connections on the stand-in, so PgBouncer must log in again;
+/// returns how many. Busy ones are spared: killing a query in flight is not a login test.
+pub fn kill_idle_backends(standin: &Standin, user: &str) -> usize {
+    standin
+        .psql_admin(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE usename = '{user}' AND state = 'idle'"
+        ))
+        .parse()
+        .expect("a count")
+}
+
+/// Successes and failures seen by traffic generators, with what failed.
+#[derive(Default)]
+pub struct Tally {
+    ok: AtomicUsize,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    pub fn record(&self, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => self.failures.lock().unwrap().push(error),
+        }
+    }
+
+    pub fn ok(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+}
