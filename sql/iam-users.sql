@@ -7,6 +7,12 @@
 --
 -- Run it connected to the database the users work in; repeat the GRANT part in every
 -- other database they need.
+--
+-- Auth-query mode (--mode auth-query) needs nothing more on RDS: no auth_user, no
+-- auth_query function, no SECURITY DEFINER lookup of pg_shadow. PgBouncer's auth_query goes
+-- to the daemon's own endpoint beside it, which answers with tokens. Each user on the
+-- allow-list (--allow-users, or users = [...]) only needs to exist here with rds_iam, as
+-- below, and its rds-db:connect permission.
 
 -- An application user with ordinary privileges.
 CREATE USER app_user;
@@ -20,3 +26,6 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO reporter;
 GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO reporter;
 ALTER DEFAULT PRIVILEGES FOR ROLE app_user IN SCHEMA public GRANT SELECT ON TABLES TO reporter;
 ALTER DEFAULT PRIVILEGES FOR ROLE app_user IN SCHEMA public GRANT SELECT ON SEQUENCES TO reporter;
+-- Optional belt and braces: every session of reporter starts read-only, so even a grant
+-- made by mistake later cannot be used to write.
+-- ALTER ROLE reporter SET default_transaction_read_only = on;
