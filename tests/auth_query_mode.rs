@@ -92,6 +92,19 @@ async fn dynamic_users_through_a_unix_socket_endpoint() {
         refused.contains("password authentication failed") || refused.contains("no such user"),
         "{refused}"
     );
+    // What happened shows in the metrics.
+    let (_, metrics) = daemon.http_get("/metrics").unwrap();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert!(value("aws_pgbouncer_auth_query_requests_total{result=\"token\"}") >= 2.0);
+    assert!(value("aws_pgbouncer_auth_query_requests_total{result=\"unknown_user\"}") >= 1.0);
+    let connections = value("aws_pgbouncer_endpoint_connections ")
+        + value("aws_pgbouncer_endpoint_connections_total{outcome=\"completed\"}");
+    assert!(connections >= 1.0, "{metrics}");
 
     // The endpoint itself admits PgBouncer's auth user only, with its password.
     let socket_dir = daemon.pgbouncer_dir.to_str().unwrap().to_owned();

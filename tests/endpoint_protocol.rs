@@ -54,6 +54,7 @@ impl Endpoint {
             auth_secret: AUTH_SECRET.to_owned().into(),
             limits,
             tls,
+            metrics: None,
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(endpoint::serve(listener, config, Arc::new(Stub), async {
@@ -438,6 +439,7 @@ async fn unix_socket_with_its_mode() {
         auth_secret: AUTH_SECRET.to_owned().into(),
         limits: quick_limits(),
         tls: None,
+        metrics: None,
     });
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(endpoint::serve(listener, config, Arc::new(Stub), async {
@@ -473,6 +475,7 @@ fn debug_output_hides_the_secret() {
         auth_secret: AUTH_SECRET.to_owned().into(),
         limits: Limits::default(),
         tls: None,
+        metrics: None,
     };
     assert!(!format!("{config:?}").contains(AUTH_SECRET));
     let lookup = Lookup::Token("tok-secret".to_owned().into());

@@ -87,6 +87,7 @@ impl AuthQueryMode {
             auth_secret: auth_secret.clone(),
             limits: Limits::default(),
             tls,
+            metrics: Some(metrics.clone()),
         });
         tokio::spawn(crate::endpoint::serve(
             listener,

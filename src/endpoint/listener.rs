@@ -2,6 +2,7 @@
 
 use super::session::{self, Shared};
 use super::{EndpointConfig, TokenLookup, backend};
+use crate::metrics::ConnectionOutcome;
 use bytes::BytesMut;
 use std::fs;
 use std::future::Future;
@@ -137,9 +138,17 @@ pub async fn serve<L: TokenLookup>(
         let shared = Arc::clone(&shared);
         let tls = tls.clone();
         async move {
+            let open = shared
+                .config
+                .metrics
+                .as_ref()
+                .map(|metrics| metrics.endpoint_connection_opened());
             match stream {
-                Stream::Tcp(s) => session::run(s, shared, tls, stopped, peer).await,
-                Stream::Unix(s) => session::run(s, shared, None, stopped, peer).await,
+                Stream::Tcp(s) => session::run(s, Arc::clone(&shared), tls, stopped, peer).await,
+                Stream::Unix(s) => session::run(s, Arc::clone(&shared), None, stopped, peer).await,
+            }
+            if let Some(mut open) = open {
+                open.set_outcome(ConnectionOutcome::Completed);
             }
         }
     };

@@ -98,6 +98,8 @@ pub struct EndpointConfig {
     /// Offered on TCP when a client sends SSLRequest. Never used on a unix socket, where
     /// PgBouncer never starts TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where open and ended connections are counted, if anywhere.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl fmt::Debug for EndpointConfig {

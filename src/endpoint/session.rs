@@ -965,6 +965,7 @@ pub fn fuzz_session(data: &[u8]) {
                 ..Default::default()
             },
             tls: None,
+            metrics: None,
         };
         Arc::new(Shared::new(Arc::new(config), Arc::new(FuzzLookup)))
     });
