@@ -11,4 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/provision.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+# nextest runs the test binaries side by side, so the ten-minute soak test overlaps the rest.
+cargo nextest run --locked --no-fail-fast
+# The criterion benchmarks, once each, to prove they still run.
+cargo test --benches --locked

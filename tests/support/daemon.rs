@@ -128,6 +128,10 @@ impl Daemon {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.guard.is_running()
     }
