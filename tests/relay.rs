@@ -1,0 +1,518 @@
+//! The relay against the RDS stand-in: a real PgBouncer logs in through it with no token in
+//! any file, cancels reach the stand-in, and every refusal says why. The token source signs
+//! with the stand-in's static test key, a real credential provider.
+
+mod support;
+
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_pgbouncer::endpoint::{self, BoundListener, Listen};
+use aws_pgbouncer::relay::{self, Limits, RelayConfig, Upstream};
+use aws_pgbouncer::token::{CredentialCache, TokenSource};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{PgBouncer, Standin, free_port, psql, test_dir, write_file};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+const SECRET: &str = "relay-secret-7d1c0a";
+/// PgBouncer's name for the stand-in's `appdb`, different on purpose: the relay maps it.
+const TARGET: &str = "standin_appdb";
+
+fn token_source(standin: &Standin, lifetime: Duration) -> Arc<TokenSource> {
+    let creds = standin.static_creds();
+    let credentials = Credentials::new(&creds.akid, &creds.secret, None, None, "test");
+    TokenSource::new(
+        CredentialCache::new(SharedCredentialsProvider::new(credentials), lifetime),
+        lifetime,
+    )
+}
+
+fn upstream(standin: &Standin, host: &str, port: u16) -> Upstream {
+    Upstream {
+        host: host.into(),
+        port,
+        region: standin.region().into(),
+        database: "appdb".into(),
+    }
+}
+
+fn config(ca: &Path, targets: Vec<(&str, Upstream)>) -> RelayConfig {
+    RelayConfig {
+        secret: SECRET.to_owned().into(),
+        peer_uid: None,
+        upstream_tls: relay::upstream_tls(ca).unwrap(),
+        targets: targets
+            .into_iter()
+            .map(|(name, upstream)| (name.to_owned(), upstream))
+            .collect::<HashMap<_, _>>(),
+        limits: Limits {
+            handshake_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(2),
+            ..Limits::default()
+        },
+    }
+}
+
+struct Relay {
+    port: u16,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Relay {
+    async fn start(listen: Listen, config: RelayConfig, source: Arc<TokenSource>) -> Relay {
+        let listener = BoundListener::bind(&listen).await.unwrap();
+        let port = listener.local_addr().map_or(0, |a| a.port());
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(relay::serve(listener, Arc::new(config), source, async {
+            let _ = stopped.await;
+        }));
+        Relay {
+            port,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn tcp(config: RelayConfig, source: Arc<TokenSource>) -> Relay {
+        Relay::start(Listen::Tcp("127.0.0.1:0".parse().unwrap()), config, source).await
+    }
+
+    async fn connect(
+        &self,
+        user: &str,
+        password: Option<&str>,
+        dbname: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .dbname(dbname)
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(password) = password {
+            config.password(password);
+        }
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn current_user(client: &Client) -> String {
+    client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// What a failed connect says, database error fields included.
+fn explain(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => error.to_string(),
+    }
+}
+
+/// A PgBouncer whose two IAM users log in to the relay with the relay secret, and whose
+/// clients log in from loopback without a password.
+fn pgbouncer_through(relay_port: u16, dir: &Path) -> (PgBouncer, u16) {
+    let port = free_port();
+    write_file(
+        &dir.join("userlist.txt"),
+        &format!("\"app_user\" \"{SECRET}\"\n\"reporter\" \"{SECRET}\"\n"),
+        0o600,
+    );
+    write_file(
+        &dir.join("hba.conf"),
+        "host all all 127.0.0.1/32 trust\n",
+        0o600,
+    );
+    let ini = dir.join("pgbouncer.ini");
+    write_file(
+        &ini,
+        &format!(
+            "[databases]\n\
+             appdb = host=127.0.0.1 port={relay_port} dbname={TARGET}\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = hba\n\
+             auth_hba_file = {dir}/hba.conf\n\
+             auth_file = {dir}/userlist.txt\n\
+             server_tls_sslmode = disable\n\
+             pool_mode = transaction\n\
+             ignore_startup_parameters = extra_float_digits\n\
+             server_login_retry = 1\n\
+             pidfile = {dir}/pgbouncer.pid\n",
+            dir = dir.display(),
+        ),
+        0o600,
+    );
+    (PgBouncer::start(&ini), port)
+}
+
+async fn through_pgbouncer(port: u16, user: &str) -> Client {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname("appdb")
+        .connect_timeout(Duration::from_secs(10))
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("{user} through PgBouncer: {}", explain(&e)));
+    tokio::spawn(connection);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_logs_in_through_the_relay_across_token_lifetimes_and_cancels() {
+    let standin = Standin::start();
+    let lifetime = Duration::from_secs(20);
+    let target = upstream(&standin, standin.host(), standin.port());
+    let relay = Relay::tcp(
+        config(&standin.ca_path(), vec![(TARGET, target)]),
+        token_source(&standin, lifetime),
+    )
+    .await;
+    let dir = test_dir("relay-pgbouncer");
+    let (pgbouncer, port) = pgbouncer_through(relay.port, dir.path());
+
+    let started = Instant::now();
+    for user in ["app_user", "reporter"] {
+        let client = through_pgbouncer(port, user).await;
+        assert_eq!(current_user(&client).await, user, "{}", pgbouncer.log());
+        let db: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(db, "appdb");
+    }
+    let logins = |standin: &Standin, user: &str| {
+        standin
+            .verifier_log()
+            .iter()
+            .filter(|d| d["user"] == user && d["accepted"] == true)
+            .count()
+    };
+    assert_eq!(logins(&standin, "app_user"), 1);
+    assert_eq!(logins(&standin, "reporter"), 1);
+
+    // A client that stays connected across more than one token lifetime, whose server
+    // connection is killed now and then: PgBouncer logs in again each time, through the
+    // relay, which must hand the stand-in a live token.
+    let long_lived = through_pgbouncer(port, "app_user").await;
+    while started.elapsed() < lifetime + Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        standin.psql_admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename='app_user' AND state='idle'",
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // PgBouncer notices the dead server connection on its next use; a failed query
+        // there is PgBouncer's business, the next one must log in again.
+        let _ = long_lived.simple_query("SELECT 1").await;
+        assert_eq!(
+            current_user(&long_lived).await,
+            "app_user",
+            "{}",
+            pgbouncer.log()
+        );
+        let fresh = through_pgbouncer(port, "reporter").await;
+        assert_eq!(current_user(&fresh).await, "reporter");
+    }
+    assert!(
+        logins(&standin, "app_user") >= 3,
+        "{:?}",
+        standin.verifier_log()
+    );
+    let refused: Vec<_> = standin
+        .verifier_log()
+        .into_iter()
+        .filter(|d| d["accepted"] != true)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+
+    // A cancel from the client reaches the stand-in through PgBouncer and the relay.
+    let client = through_pgbouncer(port, "app_user").await;
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let asked = Instant::now();
+    cancel.cancel_query(NoTls).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the query ends soon after the cancel")
+        .unwrap();
+    let error = result.expect_err("the query was cancelled");
+    assert_eq!(error.code(), Some(&SqlState::QUERY_CANCELED), "{error}");
+    assert!(asked.elapsed() < Duration::from_secs(5));
+
+    drop(pgbouncer);
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_say_why() {
+    let standin = Standin::start();
+    let source = token_source(&standin, Duration::from_secs(900));
+    let good = upstream(&standin, standin.host(), standin.port());
+    let mut wrong_region = good.clone();
+    wrong_region.region = "eu-west-1".into();
+    let relay = Relay::tcp(
+        config(
+            &standin.ca_path(),
+            vec![(TARGET, good.clone()), ("wrong_region", wrong_region)],
+        ),
+        Arc::clone(&source),
+    )
+    .await;
+
+    // The relay secret admits any user name; RDS decides who exists.
+    let client = relay
+        .connect("app_user", Some(SECRET), TARGET)
+        .await
+        .unwrap();
+    assert_eq!(current_user(&client).await, "app_user");
+
+    let error = relay
+        .connect("app_user", Some("not-the-secret"), TARGET)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INVALID_PASSWORD),
+        "{}",
+        explain(&error)
+    );
+    assert!(relay.connect("app_user", None, TARGET).await.is_err());
+
+    let error = relay
+        .connect("password_user", Some(SECRET), TARGET)
+        .await
+        .unwrap_err();
+    assert!(
+        explain(&error).contains(
+            "user \"password_user\" is not an IAM user: the server asked for a password \
+             (GRANT rds_iam TO password_user)"
+        ),
+        "{}",
+        explain(&error)
+    );
+
+    let error = relay
+        .connect("app_user", Some(SECRET), "nowhere")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INVALID_CATALOG_NAME),
+        "{}",
+        explain(&error)
+    );
+
+    // The stand-in's own refusal reaches the client unchanged.
+    let error = relay
+        .connect("app_user", Some(SECRET), "wrong_region")
+        .await
+        .unwrap_err();
+    assert!(
+        explain(&error).ends_with(" PAM authentication failed for user \"app_user\""),
+        "{}",
+        explain(&error)
+    );
+    relay.stop().await;
+
+    // An upstream whose certificate another CA signed.
+    let other = test_dir("relay-other-ca");
+    let (_, other_ca) = endpoint::self_signed_tls(other.path()).unwrap();
+    let relay = Relay::tcp(
+        config(&other_ca, vec![(TARGET, good.clone())]),
+        Arc::clone(&source),
+    )
+    .await;
+    let error = relay
+        .connect("app_user", Some(SECRET), TARGET)
+        .await
+        .unwrap_err();
+    let text = explain(&error);
+    assert!(
+        text.starts_with("08001 TLS with localhost:") && text.contains("invalid peer certificate"),
+        "{text}"
+    );
+    relay.stop().await;
+
+    // An upstream reached under a name its certificate does not carry (127.0.0.2, forwarded
+    // to the stand-in on 127.0.0.1).
+    let forwarder = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let forwarded_port = forwarder.local_addr().unwrap().port();
+    let standin_port = standin.port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = forwarder.accept().await {
+            tokio::spawn(async move {
+                let mut outbound = tokio::net::TcpStream::connect(("127.0.0.1", standin_port))
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    let relay = Relay::tcp(
+        config(
+            &standin.ca_path(),
+            vec![(TARGET, upstream(&standin, "127.0.0.2", forwarded_port))],
+        ),
+        Arc::clone(&source),
+    )
+    .await;
+    let error = relay
+        .connect("app_user", Some(SECRET), TARGET)
+        .await
+        .unwrap_err();
+    let text = explain(&error);
+    assert!(
+        text.contains("invalid peer certificate") && text.contains("127.0.0.2"),
+        "{text}"
+    );
+    relay.stop().await;
+
+    // On a unix socket, PgBouncer's uid logs in without a password; any other uid must
+    // know the secret.
+    let dir = test_dir("relay-unix");
+    let socket_port = 6543;
+    let path = dir.path().join(format!(".s.PGSQL.{socket_port}"));
+    let uid = unsafe { libc::geteuid() };
+    for (peer_uid, admitted) in [(uid, true), (uid.wrapping_add(1), false)] {
+        let mut config = config(&standin.ca_path(), vec![(TARGET, good.clone())]);
+        config.peer_uid = Some(peer_uid);
+        let relay = Relay::start(
+            Listen::Unix {
+                path: path.clone(),
+                mode: 0o600,
+            },
+            config,
+            Arc::clone(&source),
+        )
+        .await;
+        let connected = tokio_postgres::Config::new()
+            .host_path(dir.path())
+            .port(socket_port)
+            .user("reporter")
+            .dbname(TARGET)
+            .connect(NoTls)
+            .await;
+        match connected {
+            Ok((client, connection)) => {
+                assert!(admitted, "uid {uid} admitted without a password");
+                tokio::spawn(connection);
+                assert_eq!(current_user(&client).await, "reporter");
+            }
+            Err(error) => assert!(!admitted, "{}", explain(&error)),
+        }
+        relay.stop().await;
+    }
+    // The psql in the test bed agrees with tokio-postgres on the wire, TLS aside.
+    let relay = Relay::tcp(
+        config(&standin.ca_path(), vec![(TARGET, good)]),
+        Arc::clone(&source),
+    )
+    .await;
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=reporter dbname={TARGET} sslmode=disable",
+        relay.port
+    );
+    let out = tokio::task::spawn_blocking(move || psql(&conninfo, Some(SECRET), "SELECT 1"))
+        .await
+        .unwrap();
+    assert_eq!(out.as_deref(), Ok("1"));
+    relay.stop().await;
+}
+
+/// The relay's fuzz entry point in plain `cargo test`: hand-made seeds for both sides of
+/// the login, then seeded random mutations of them. cargo-fuzz explores further.
+#[test]
+fn fuzz_entry_point_survives_mutated_logins() {
+    use bytes::{BufMut, BytesMut};
+    use postgres_protocol::message::frontend;
+    use rand::{RngExt, SeedableRng};
+
+    let mut client_side = BytesMut::new();
+    frontend::ssl_request(&mut client_side);
+    frontend::startup_message([("user", "app_user"), ("database", "db")], &mut client_side)
+        .unwrap();
+    frontend::sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abcdef", &mut client_side).unwrap();
+    frontend::sasl_response(b"c=biws,r=abcdef,p=AAAA", &mut client_side).unwrap();
+    let mut cancel = BytesMut::new();
+    frontend::cancel_request(7, 9, &mut cancel);
+
+    let message = |out: &mut BytesMut, tag: u8, body: &[u8]| {
+        out.put_u8(tag);
+        out.put_i32(4 + body.len() as i32);
+        out.put_slice(body);
+    };
+    let mut server_side = BytesMut::new();
+    message(&mut server_side, b'R', &3i32.to_be_bytes());
+    message(&mut server_side, b'N', b"SNOTICE\0Mhello\0\0");
+    message(&mut server_side, b'R', &0i32.to_be_bytes());
+    message(&mut server_side, b'S', b"server_version\x0016\0");
+    message(&mut server_side, b'K', &[0, 0, 0, 7, 0, 0, 0, 9]);
+    message(&mut server_side, b'Z', b"I");
+    let mut refusals = Vec::new();
+    for body in [
+        &5i32.to_be_bytes()[..],
+        b"\0\0\0\x0aSCRAM-SHA-256\0\0",
+        b"\0\0",
+    ] {
+        let mut out = BytesMut::new();
+        message(&mut out, b'R', body);
+        refusals.push(out);
+    }
+    let mut error = BytesMut::new();
+    message(&mut error, b'E', b"SFATAL\0C28000\0Mno\0\0");
+
+    let mut seeds: Vec<Vec<u8>> = Vec::new();
+    for mode in [0u8, 1] {
+        for bytes in [&client_side, &cancel] {
+            seeds.push([&[mode][..], bytes].concat());
+        }
+    }
+    for bytes in [&server_side, &error].into_iter().chain(&refusals) {
+        seeds.push([&[2u8][..], bytes].concat());
+    }
+    for seed in &seeds {
+        relay::fuzzing::fuzz_relay(seed);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    for round in 0..300 {
+        let mut input = seeds[round % seeds.len()].clone();
+        for _ in 0..rng.random_range(1..6) {
+            // Keep the side byte, so each seed keeps exploring its own side.
+            let at = rng.random_range(1..input.len().max(2));
+            match rng.random_range(0..3) {
+                0 if at < input.len() => input[at] = rng.random(),
+                1 => input.truncate(at),
+                _ => input.insert(at.min(input.len()), rng.random()),
+            }
+        }
+        relay::fuzzing::fuzz_relay(&input);
+    }
+}
