@@ -32,6 +32,8 @@ APT_PACKAGES=(
     postgresql postgresql-client postgresql-contrib
     libpam0g-dev libevent-dev libssl-dev pkg-config build-essential dpkg-dev
     openssl python3 python3-venv util-linux ca-certificates curl
+    # tests/packaging.rs: flake.nix must parse, the compose file must validate.
+    nix-bin docker-compose
 )
 apt_updated=0
 apt_update() {

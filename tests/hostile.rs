@@ -1,0 +1,240 @@
+//! A noisy neighbour on the auth endpoint: connection floods, slow handshakes, oversized and
+//! malformed messages and wrong passwords in a loop, all at once, while applications keep
+//! logging in through PgBouncer, whose auth_query goes to that endpoint.
+
+mod support;
+
+use rand::RngExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use support::client::{Tally, connect, scalar};
+use support::daemon::Daemon;
+use support::{Standin, free_port, test_dir, write_file};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::NoTls;
+
+const STORM: Duration = Duration::from_secs(20);
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Sends `bytes`, then reads until the endpoint closes (or 15 s pass); true if it closed.
+async fn send_and_expect_close(port: u16, bytes: &[u8]) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return true;
+    };
+    let _ = stream.write_all(bytes).await;
+    let mut sink = vec![0u8; 4096];
+    let closed = async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .is_ok()
+}
+
+fn startup_packet() -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608u32.to_be_bytes());
+    for part in ["user", "aws_pgbouncer_auth", "database", "appdb", ""] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_clients_on_the_auth_endpoint_do_not_stop_pgbouncer() {
+    let standin = Standin::start();
+    let work = test_dir("hostile");
+    let listen_port = free_port();
+    let auth_port = free_port();
+    let config = work.path().join("auth-query.toml");
+    write_file(
+        &config,
+        &format!(
+            r#"
+mode = "auth-query"
+listen = "127.0.0.1:{listen_port}"
+auth_listen = "127.0.0.1:{auth_port}"
+server_ca_file = "{ca}"
+region = "us-east-1"
+
+[pgbouncer]
+pool_mode = "transaction"
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {port}
+dbname = "appdb"
+users = ["app_user", "reporter"]
+"#,
+            ca = standin.ca_path().display(),
+            port = standin.port(),
+        ),
+        0o644,
+    );
+    let mut daemon = Daemon::start(
+        work.path(),
+        &standin.static_creds(),
+        &["--supervise", "--config", config.to_str().unwrap()],
+    );
+    daemon.wait_for_log(
+        "started: PgBouncer has the first tokens",
+        Duration::from_secs(30),
+    );
+    let warm = connect(listen_port, "app_user", "appdb").await.unwrap();
+    scalar(&warm, "SELECT 1").await.unwrap();
+    drop(warm);
+    let rss_before = rss_kib(daemon.pid());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused_passwords = Arc::new(AtomicUsize::new(0));
+    let unclosed = Arc::new(AtomicUsize::new(0));
+    let mut attackers = tokio::task::JoinSet::new();
+    // Floods: a hundred connections at a time that say nothing.
+    for _ in 0..2 {
+        let stop = stop.clone();
+        attackers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut held = Vec::new();
+                for _ in 0..50 {
+                    if let Ok(stream) = TcpStream::connect(("127.0.0.1", auth_port)).await {
+                        held.push(stream);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
+    // Slow handshakes: a startup packet dribbled out a byte a second.
+    for _ in 0..10 {
+        let stop = stop.clone();
+        attackers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut stream) = TcpStream::connect(("127.0.0.1", auth_port)).await else {
+                    continue;
+                };
+                for byte in startup_packet() {
+                    if stop.load(Ordering::Relaxed) || stream.write_all(&[byte]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+    }
+    // Oversized and malformed messages: each must be answered by closing.
+    {
+        let (stop, unclosed) = (stop.clone(), unclosed.clone());
+        attackers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut oversized = 0x7fff_ff00u32.to_be_bytes().to_vec();
+                oversized.extend_from_slice(&[0x42; 4096]);
+                let garbage: Vec<u8> = {
+                    let mut rng = rand::rng();
+                    (0..rng.random_range(1..2048))
+                        .map(|_| rng.random())
+                        .collect()
+                };
+                let mut after_startup = startup_packet();
+                after_startup.extend_from_slice(b"Q\xff\xff\xff\xffSELECT 1");
+                for bytes in [oversized, garbage, after_startup] {
+                    if !send_and_expect_close(auth_port, &bytes).await {
+                        unclosed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+    // Wrong passwords in a loop.
+    {
+        let (stop, refused) = (stop.clone(), refused_passwords.clone());
+        attackers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let attempt = tokio_postgres::Config::new()
+                    .host("127.0.0.1")
+                    .port(auth_port)
+                    .user("aws_pgbouncer_auth")
+                    .password("guessed")
+                    .dbname("appdb")
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect(NoTls)
+                    .await;
+                if attempt.is_err() {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    // Meanwhile, applications keep logging in; each login runs PgBouncer's auth_query.
+    let tally = Tally::default();
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < STORM {
+        round += 1;
+        let user = if round % 2 == 0 {
+            "app_user"
+        } else {
+            "reporter"
+        };
+        let outcome = async {
+            let client = connect(listen_port, user, "appdb").await?;
+            let current = scalar(&client, "SELECT current_user").await?;
+            (current == user).then_some(()).ok_or(current)
+        };
+        tally.record(outcome.await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rss_during = rss_kib(daemon.pid());
+    stop.store(true, Ordering::Relaxed);
+    while attackers.join_next().await.is_some() {}
+
+    assert!(
+        tally.failures().is_empty(),
+        "{:#?}\n{}",
+        tally.failures(),
+        daemon.log()
+    );
+    assert!(tally.ok() >= 50, "only {} logins", tally.ok());
+    assert!(refused_passwords.load(Ordering::Relaxed) >= 10);
+    assert_eq!(
+        unclosed.load(Ordering::Relaxed),
+        0,
+        "a bad message did not end its session"
+    );
+    assert!(
+        rss_during < rss_before + 32 * 1024,
+        "memory grew from {rss_before} KiB to {rss_during} KiB"
+    );
+    eprintln!("hostile: daemon RSS {rss_before} KiB before, {rss_during} KiB during the storm");
+    // Afterwards the endpoint still admits PgBouncer's auth user.
+    let secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("auth-secret")).unwrap();
+    tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(auth_port)
+        .user("aws_pgbouncer_auth")
+        .password(secret.trim())
+        .dbname("appdb")
+        .connect(NoTls)
+        .await
+        .expect("the endpoint still serves after the storm");
+    assert!(daemon.is_running());
+}
