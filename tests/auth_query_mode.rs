@@ -105,9 +105,6 @@ async fn dynamic_users_through_a_unix_socket_endpoint() {
     let connections = value("aws_pgbouncer_endpoint_connections ")
         + value("aws_pgbouncer_endpoint_connections_total{outcome=\"completed\"}");
     assert!(connections >= 1.0, "{metrics}");
-    if std::env::var_os("SHOW_LOG").is_some() {
-        eprintln!("{}", daemon.log());
-    }
 
     // The endpoint itself admits PgBouncer's auth user only, with its password.
     let socket_dir = daemon.pgbouncer_dir.to_str().unwrap().to_owned();

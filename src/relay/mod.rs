@@ -191,3 +191,43 @@ pub async fn serve(
 pub mod fuzzing {
     pub use super::session::fuzz_relay;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_secret() {
+        let tls = ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth();
+        let config = RelayConfig {
+            secret: "hunter2-relay".to_owned().into(),
+            peer_uid: Some(70),
+            upstream_tls: Arc::new(tls),
+            targets: HashMap::new(),
+            limits: Limits::default(),
+        };
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(
+            debug.contains("[redacted]") && debug.contains("70"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let error = upstream_tls(&empty).unwrap_err();
+        assert!(error.contains("holds no usable CA certificate"), "{error}");
+        let error = upstream_tls(&dir.path().join("missing.pem")).unwrap_err();
+        assert!(error.contains("missing.pem"), "{error}");
+    }
+}
