@@ -1,0 +1,127 @@
+# Shared pieces of the benchmark scripts in this directory. Sourced, not run.
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # the variables set here are used by the scripts that source it
+#
+# Sets: REPO TESTBED PG_BINDIR PGBOUNCER_BIN WORK RESULTS as_user
+# Gives: say, free_port, start_bg, stop_all (the EXIT trap), start_standin, daemon_binary,
+#        loadavg, wait_http_200
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+TESTBED=${AWS_PGBOUNCER_TESTBED:-/opt/aws-pgbouncer-testbed}
+say() { printf '[%s %s] %s\n' "$(basename "$0" .sh)" "$(date +%H:%M:%S)" "$*" >&2; }
+
+bash "$REPO/scripts/provision.sh" >/dev/null
+PG_BINDIR=$(sed -n 's/^pg_bindir=//p' "$TESTBED/ready")
+PGBOUNCER_BIN=$(sed -n 's/^pgbouncer=//p' "$TESTBED/ready")
+export PATH="$PG_BINDIR:$PATH"
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# The working directory (removed on exit) and the results directory (kept).
+WORK=$(mktemp -d /tmp/aws-pgbouncer-bench.XXXXXX)
+chmod 0755 "$WORK"
+RESULTS=${BENCH_RESULTS:-$REPO/target/bench-results/$(basename "$0" .sh)-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$RESULTS"
+
+# PgBouncer refuses to run as root; so does the daemon that supervises it here.
+as_user=()
+if [ "$(id -u)" -eq 0 ]; then
+    chown postgres: "$WORK"
+    as_user=(setpriv --reuid=postgres --regid=postgres --init-groups --)
+fi
+
+# Every background process this script starts, in start order. Stopped in reverse order:
+# PgBouncers and daemons first, the stand-in (fast shutdown) last.
+pids=()
+start_bg() { # start_bg LOGFILE CMD...: runs CMD in the background, sets LAST_PID
+    local log=$1
+    shift
+    "$@" >"$log" 2>&1 &
+    LAST_PID=$!
+    pids+=("$LAST_PID")
+}
+stop_pid() { # stop_pid PID [SIGNAL]: signal it and wait for it, quietly
+    kill "-${2:-TERM}" "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+stop_started() { # stop_started PID: stops one process start_bg started and forgets it
+    local pid=$1 i kept=()
+    stop_pid "$pid" TERM
+    for i in "${pids[@]}"; do [ "$i" = "$pid" ] || kept+=("$i"); done
+    pids=("${kept[@]}")
+}
+stop_all() {
+    local rc=$? i
+    trap - INT TERM EXIT
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        if [ "${pids[i]}" = "${STANDIN_PID:-}" ]; then
+            stop_pid "${pids[i]}" INT
+        else
+            stop_pid "${pids[i]}" TERM
+        fi
+    done
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start_standin: an RDS stand-in in $WORK/standin; sets STANDIN_PORT STANDIN_DIR STANDIN_PID.
+start_standin() {
+    STANDIN_PORT=$(free_port)
+    STANDIN_DIR=$WORK/standin
+    bash "$REPO/scripts/standin" init "$STANDIN_DIR" "$STANDIN_PORT" >/dev/null
+    start_bg "$RESULTS/standin.log" bash "$REPO/scripts/standin" run "$STANDIN_DIR"
+    STANDIN_PID=$LAST_PID
+    local tries=0
+    until pg_isready -q -h 127.0.0.1 -p "$STANDIN_PORT"; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 150 ] || { cat "$RESULTS/standin.log" >&2; say "stand-in did not start"; exit 1; }
+        sleep 0.2
+    done
+}
+
+# standin_sql SQL...: runs SQL as the stand-in's superuser over its unix socket.
+standin_sql() {
+    psql -X -q -A -t -v ON_ERROR_STOP=1 -h "$STANDIN_DIR" -p "$STANDIN_PORT" -U standin_admin "$@"
+}
+
+# daemon_binary: builds the release binary and copies it into $WORK, so that a rebuild by
+# someone else in the same tree during the run cannot change what is measured. Sets DAEMON.
+daemon_binary() {
+    if [ -n "${AWS_PGBOUNCER_BIN:-}" ]; then
+        DAEMON=$AWS_PGBOUNCER_BIN
+    else
+        (cd "$REPO" && cargo build --release --locked --quiet)
+        DAEMON=$WORK/aws-pgbouncer
+        cp "$REPO/target/release/aws-pgbouncer" "$DAEMON"
+        chmod 0755 "$DAEMON"
+    fi
+    say "daemon: $("$DAEMON" --version), tree at $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' + uncommitted changes in src/')"
+}
+
+# The environment the daemon runs with: the stand-in's static test keys, no network lookups.
+daemon_env=(env AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE
+    AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY
+    AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true)
+
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+
+# wait_http_200 URL [TRIES]: polls URL every 0.1 s until it answers 200.
+wait_http_200() {
+    local tries=0
+    until [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = 200 ]; do
+        tries=$((tries + 1))
+        [ "$tries" -lt "${2:-300}" ] || return 1
+        sleep 0.1
+    done
+}
+
+# machine_line: what the figures ran on.
+machine_line() {
+    printf 'machine: %s cores, %s, load average at start %s\n' "$(nproc)" \
+        "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
