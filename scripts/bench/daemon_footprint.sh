@@ -101,7 +101,7 @@ http=$(free_port)
 start_daemon idle "$WORK/idle" "$listen" "$http" 900 --supervise --pgbouncer-bin "$PGBOUNCER_BIN"
 idle_pid=$LAST_PID
 wait_http_200 "http://127.0.0.1:$http/startupz" || { say "daemon did not start"; exit 1; }
-[ "$(cat "/proc/$idle_pid/comm")" = aws-pgbouncer ] || { say "pid $idle_pid is not the daemon"; exit 1; }
+[ "$(readlink -f "/proc/$idle_pid/exe")" = "$(readlink -f "$DAEMON")" ] || { say "pid $idle_pid is not the daemon"; exit 1; }
 sleep 1
 rss_start=$(rss_kib "$idle_pid")
 ticks_start=$(cpu_ticks "$idle_pid")

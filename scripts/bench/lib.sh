@@ -10,7 +10,11 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TESTBED=${AWS_PGBOUNCER_TESTBED:-/opt/aws-pgbouncer-testbed}
 say() { printf '[%s %s] %s\n' "$(basename "$0" .sh)" "$(date +%H:%M:%S)" "$*" >&2; }
 
-bash "$REPO/scripts/provision.sh" >/dev/null
+# Provisioning installs packages (sudo when not root); a non-root user on a ready test bed
+# needs none of it.
+if [ "$(id -u)" -eq 0 ] || [ ! -f "$TESTBED/ready" ]; then
+    bash "$REPO/scripts/provision.sh" >/dev/null
+fi
 PG_BINDIR=$(sed -n 's/^pg_bindir=//p' "$TESTBED/ready")
 PGBOUNCER_BIN=$(sed -n 's/^pgbouncer=//p' "$TESTBED/ready")
 export PATH="$PG_BINDIR:$PATH"
@@ -100,7 +104,12 @@ daemon_binary() {
         cp "$REPO/target/release/aws-pgbouncer" "$DAEMON"
         chmod 0755 "$DAEMON"
     fi
-    say "daemon: $("$DAEMON" --version), tree at $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' + uncommitted changes in src/')"
+    local tree
+    tree=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [ "$tree" != unknown ] && ! git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null; then
+        tree="$tree + uncommitted changes in src/"
+    fi
+    say "daemon: $("$DAEMON" --version), tree at $tree"
 }
 
 # The environment the daemon runs with: the stand-in's static test keys, no network lookups.
