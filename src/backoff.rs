@@ -1,11 +1,15 @@
-//! Retry delays shared by everything that retries: token refreshes and PgBouncer reloads.
+//! Retry delays shared by everything that retries: token refreshes, PgBouncer reloads and
+//! the wait for PgBouncer to come up.
 
 use rand::RngExt;
 use std::time::Duration;
 
-/// Doubles from half a second per consecutive failure, up to `cap`, with ±20 % jitter so that
-/// many retriers do not hit a recovering service in lock-step.
-pub fn delay(failures: u32, cap: Duration) -> Duration {
-    let base = Duration::from_millis(500).saturating_mul(1 << failures.min(10));
-    base.min(cap).mul_f64(rand::rng().random_range(0.8..1.2))
+/// `first` after the first failure, doubling with each further one up to `cap`, with ±20 %
+/// jitter so that many retriers do not hit a recovering service in lock-step.
+pub fn delay(first: Duration, failures: u32, cap: Duration) -> Duration {
+    let doubled = first.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    doubled.min(cap).mul_f64(rand::rng().random_range(0.8..1.2))
 }
+
+/// The usual first delay: long enough not to hammer, short enough to recover quickly.
+pub const FIRST: Duration = Duration::from_millis(500);

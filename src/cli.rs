@@ -63,6 +63,8 @@ pub enum Mode {
     Config,
     /// Answer PgBouncer's auth_query with fresh tokens from a local endpoint.
     AuthQuery,
+    /// Relay PgBouncer's server connections, logging each in with a token minted for it.
+    Passthrough,
 }
 
 /// PgBouncer's `server_tls_sslmode` values.
@@ -134,6 +136,10 @@ pub struct RunArgs {
     /// socket in --pgbouncer-dir [default: 127.0.0.1:6433].
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN")]
     pub auth_listen: Option<String>,
+    /// Passthrough mode: where the relay listens, loopback ADDR:PORT or `unix[:PORT]` for a
+    /// socket in --pgbouncer-dir [default: 127.0.0.1:6434].
+    #[arg(long, env = "AWS_PGBOUNCER_RELAY_LISTEN")]
+    pub relay_listen: Option<String>,
     /// Allow --auth-listen on an address other than loopback.
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN_NON_LOOPBACK")]
     pub auth_listen_non_loopback: bool,

@@ -207,9 +207,13 @@ fn a_non_loopback_auth_endpoint_needs_an_explicit_flag() {
 }
 
 #[test]
-fn an_allow_list_is_for_auth_query_mode_only() {
+fn an_allow_list_is_not_for_config_mode() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!("{ONE_DATABASE}users = [\"a\", \"b\"]\n");
     let output = run_in(dir.path(), &config, &[]);
-    assert_refused(&output, 1, "users (an allow-list) is for auth-query mode");
+    assert_refused(
+        &output,
+        1,
+        "users (an allow-list) is for auth-query and passthrough modes",
+    );
 }

@@ -235,6 +235,7 @@ users = ["app_user", "reporter"]
         .dbname("appdb")
         .connect(NoTls)
         .await
+        .map(drop)
         .expect("the endpoint still serves after the storm");
     assert!(daemon.is_running());
 }

@@ -96,14 +96,14 @@ fn traffic(
                 scalar(&client, "SELECT 1").await.map(drop)
             };
             tally.record(fresh.await);
-            if round % 7 == 0 {
+            if round.is_multiple_of(7) {
                 let outcome = match &long_lived {
                     Ok(client) => scalar(client, "SELECT 1").await.map(drop),
                     Err(error) => Err(error.clone()),
                 };
                 tally.record(outcome);
             }
-            if round % 13 == 0 {
+            if round.is_multiple_of(13) {
                 kill_idle_backends(&standin, "app_user");
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -17,6 +17,7 @@ pub struct ConfigFile {
     pub server_tls_mode: Option<String>,
     pub server_ca_file: Option<PathBuf>,
     pub auth_listen: Option<String>,
+    pub relay_listen: Option<String>,
     #[serde(default)]
     pub databases: Vec<DatabaseEntry>,
     /// Users that applications log in to PgBouncer as, with optional passwords.

@@ -17,6 +17,7 @@ pub const DEFAULT_PGBOUNCER_DIR: &str = "/run/aws-pgbouncer";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_TOKEN_LIFETIME: u64 = 900;
 pub const DEFAULT_AUTH_LISTEN: &str = "127.0.0.1:6433";
+pub const DEFAULT_RELAY_LISTEN: &str = "127.0.0.1:6434";
 
 /// `[databases]` entries the daemon adds for auth-query mode start with this.
 pub const AUTH_DATABASE_PREFIX: &str = "aws_pgbouncer_auth";
@@ -49,13 +50,16 @@ pub struct Settings {
     pub clients: Vec<Client>,
     /// `[pgbouncer]` settings passed through, already rendered as PgBouncer values.
     pub pgbouncer_settings: Vec<(String, String)>,
-    /// Auth-query mode: where the endpoint PgBouncer asks for tokens listens.
-    pub auth_listen: AuthListen,
+    /// Auth-query and passthrough modes: where the endpoint PgBouncer runs its auth_query
+    /// against listens.
+    pub auth_listen: LocalListen,
+    /// Passthrough mode: where the relay PgBouncer's server connections go through listens.
+    pub relay_listen: LocalListen,
 }
 
-/// Where the auth-query endpoint listens.
+/// Where one of the daemon's local Postgres servers (the auth endpoint, the relay) listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthListen {
+pub enum LocalListen {
     Tcp(SocketAddr),
     /// A socket `.s.PGSQL.{port}` in the PgBouncer directory, which PgBouncer reaches as
     /// `host={dir} port={port}` without TLS.
@@ -154,9 +158,19 @@ impl Settings {
         check_unique(databases.iter().map(|db| db.name.as_str()), "database name")?;
 
         let clients = resolve_clients(file.clients, mode, &databases)?;
-        let auth_listen = resolve_auth_listen(
+        let auth_listen = resolve_local_listen(
+            "auth listen",
             args.auth_listen.as_deref().or(file.auth_listen.as_deref()),
+            DEFAULT_AUTH_LISTEN,
             args.auth_listen_non_loopback,
+        )?;
+        let relay_listen = resolve_local_listen(
+            "relay listen",
+            args.relay_listen
+                .as_deref()
+                .or(file.relay_listen.as_deref()),
+            DEFAULT_RELAY_LISTEN,
+            false,
         )?;
         let pgbouncer_settings = file
             .pgbouncer
@@ -187,32 +201,45 @@ impl Settings {
             clients,
             pgbouncer_settings,
             auth_listen,
+            relay_listen,
         })
     }
 }
 
-fn resolve_auth_listen(given: Option<&str>, non_loopback: bool) -> Result<AuthListen, String> {
-    let text = given.unwrap_or(DEFAULT_AUTH_LISTEN);
+/// `ADDR:PORT`, `unix` or `unix:PORT` (a socket in the PgBouncer directory; the port of the
+/// default address when none is given).
+fn resolve_local_listen(
+    what: &str,
+    given: Option<&str>,
+    default: &str,
+    non_loopback: bool,
+) -> Result<LocalListen, String> {
+    let text = given.unwrap_or(default);
+    let default_port = default
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("defaults end in a port");
     if let Some(rest) = text.strip_prefix("unix") {
         let port = match rest.strip_prefix(':') {
             Some(port) => port
                 .parse()
-                .map_err(|_| format!("auth listen {text:?}: {port:?} is not a port"))?,
-            None if rest.is_empty() => 6433,
-            None => return Err(format!("auth listen {text:?} is not unix or unix:PORT")),
+                .map_err(|_| format!("{what} {text:?}: {port:?} is not a port"))?,
+            None if rest.is_empty() => default_port,
+            None => return Err(format!("{what} {text:?} is not unix or unix:PORT")),
         };
-        return Ok(AuthListen::Unix { port });
+        return Ok(LocalListen::Unix { port });
     }
     let addr: SocketAddr = text.parse().map_err(|_| {
-        format!("auth listen {text:?} is not ADDR:PORT (e.g. 127.0.0.1:6433), unix or unix:PORT")
+        format!("{what} {text:?} is not ADDR:PORT (e.g. {default}), unix or unix:PORT")
     })?;
     if !addr.ip().is_loopback() && !non_loopback {
         return Err(format!(
-            "auth listen {addr} is not a loopback address: the endpoint hands out database \
-             tokens; pass --auth-listen-non-loopback if that is really meant"
+            "{what} {addr} is not a loopback address: it hands out database access; \
+             only the auth endpoint may leave loopback, with --auth-listen-non-loopback"
         ));
     }
-    Ok(AuthListen::Tcp(addr))
+    Ok(LocalListen::Tcp(addr))
 }
 
 /// The single database of the old sidecar's shape, from flags, `AWS_PGBOUNCER_*` or the old
@@ -270,13 +297,13 @@ async fn resolve_database(
         Mode::Config => {
             if !entry.users.is_empty() {
                 return Err(format!(
-                    "database {name}: users (an allow-list) is for auth-query mode; \
-                     config mode forces one user"
+                    "database {name}: users (an allow-list) is for auth-query and \
+                     passthrough modes; config mode forces one user"
                 ));
             }
             entry.user.into_iter().collect()
         }
-        Mode::AuthQuery => entry.user.into_iter().chain(entry.users).collect(),
+        Mode::AuthQuery | Mode::Passthrough => entry.user.into_iter().chain(entry.users).collect(),
     };
     let Some(first_user) = allowed_users.first().cloned() else {
         return Err(format!(

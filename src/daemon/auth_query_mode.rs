@@ -1,5 +1,10 @@
-//! Auth-query mode: PgBouncer asks the daemon's endpoint for each user's password, and the
-//! endpoint answers with that user's current token.
+//! Auth-query and passthrough modes: PgBouncer asks the daemon's endpoint for each user's
+//! password. In auth-query mode the endpoint answers with that user's current token and
+//! PgBouncer logs in to RDS with it. In passthrough mode it answers with the relay's secret,
+//! PgBouncer's server connections go to the daemon's relay, and the relay logs each in to RDS
+//! with a token minted for it; nothing in PgBouncer can go stale then.
+//!
+//! The rest of this comment concerns auth-query mode.
 //!
 //! PgBouncer runs its auth_query only when a client logs in, and keeps the answer for the
 //! pool: an application that stays connected never asks again, and PgBouncer's next server
@@ -9,7 +14,8 @@
 //! for that login and updates the pool's password in place.
 
 use crate::backoff;
-use crate::config::{AuthListen, Database, Settings};
+use crate::cli::Mode;
+use crate::config::{Database, LocalListen, Settings};
 use crate::endpoint::{
     BoundListener, DEFAULT_SOCKET_MODE, EndpointConfig, Limits, Listen, Lookup, TokenLookup,
     self_signed_tls,
@@ -18,6 +24,7 @@ use crate::metrics::{AuthQueryResult, Metrics};
 use crate::pgbouncer::admin::AdminConsole;
 use crate::pgbouncer::files::{load_or_create_secret, write_atomically};
 use crate::pgbouncer::render::{self, DATABASES_INI, HBA, PGBOUNCER_INI, USERLIST};
+use crate::relay::{Limits as RelayLimits, RelayConfig, Upstream, upstream_tls};
 use crate::token::{TokenKey, TokenSource};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
@@ -27,58 +34,75 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 const AUTH_SECRET_FILE: &str = "auth-secret";
+const RELAY_SECRET_FILE: &str = "relay-secret";
 const COMBINED_CA_FILE: &str = "server-ca-bundle.pem";
 const TOUCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct AuthQueryMode {
     dir: PathBuf,
     keys: Vec<TokenKey>,
-    refresher: Arc<PoolRefresher>,
+    /// Auth-query mode only: passthrough's answers (the relay secret) never go stale.
+    refresher: Option<Arc<PoolRefresher>>,
     lookup: Arc<SourceLookup>,
 }
 
 impl AuthQueryMode {
-    /// Starts the endpoint, mints the allowed users' first tokens (so a bad credential
-    /// source shows at once, and the first logins do not wait for a mint), and writes
-    /// PgBouncer's files.
-    pub async fn start(
+    /// Starts the endpoint (and in passthrough mode the relay), mints the allowed users'
+    /// first tokens (so a bad credential source shows at once, and the first logins do not
+    /// wait for a mint), and writes PgBouncer's files. `stopped` makes a future that
+    /// resolves when the servers must stop.
+    pub async fn start<F>(
         settings: &Settings,
         dir: &Path,
         admin_secret: &SecretString,
         source: &Arc<TokenSource>,
         metrics: &Arc<Metrics>,
-        endpoint_stopped: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> Result<Self, String> {
+        stopped: impl Fn() -> F,
+    ) -> Result<Self, String>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let auth_secret =
             load_or_create_secret(dir, AUTH_SECRET_FILE).map_err(|error| error.to_string())?;
-        let (listen, tls, endpoint_host, port) = match settings.auth_listen {
-            AuthListen::Tcp(addr) => {
-                let (tls, _) = self_signed_tls(dir)?;
-                let host = reachable_ip(addr).to_string();
-                (Listen::Tcp(addr), Some(tls), host, addr.port())
-            }
-            AuthListen::Unix { port } => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let listen = Listen::Unix {
-                    path,
-                    mode: DEFAULT_SOCKET_MODE,
-                };
-                (listen, None, dir.display().to_string(), port)
-            }
+        let endpoint = LocalAddress::of(&settings.auth_listen, dir);
+        let tls = match endpoint.listen {
+            Listen::Tcp(_) => Some(self_signed_tls(dir)?.0),
+            Listen::Unix { .. } => None,
         };
-        let listener = BoundListener::bind(&listen)
-            .await
-            .map_err(|error| format!("auth endpoint cannot listen on {listen:?}: {error}"))?;
-        let server_ca_file = match (&tls, &settings.server_ca_file) {
-            // PgBouncer's server_tls_sslmode is global: with verification on, the same CA
-            // file must trust RDS and the endpoint.
-            (Some(_), Some(rds_bundle)) if settings.server_tls_mode.verifies_certificate() => {
-                Some(combine_ca_files(dir, rds_bundle)?)
+        let listener = endpoint.bind("auth endpoint").await?;
+        let (answer, route, server_tls_mode, server_ca_file) = match settings.mode {
+            Mode::Passthrough => {
+                let relay = LocalAddress::of(&settings.relay_listen, dir);
+                let secret = load_or_create_secret(dir, RELAY_SECRET_FILE)
+                    .map_err(|error| error.to_string())?;
+                start_relay(settings, &relay, secret.clone(), source, stopped()).await?;
+                // PgBouncer talks only to the daemon, on loopback or a unix socket; the
+                // relay does the TLS towards RDS. `prefer` still takes the endpoint's TLS.
+                let route = Some((relay.host, relay.port));
+                (Answer::RelaySecret(secret), route, "prefer", None)
             }
-            _ => settings.server_ca_file.clone(),
+            _ => {
+                let ca_file = match (&tls, &settings.server_ca_file) {
+                    // PgBouncer's server_tls_sslmode is global: with verification on, the
+                    // same CA file must trust RDS and the endpoint.
+                    (Some(_), Some(rds_bundle))
+                        if settings.server_tls_mode.verifies_certificate() =>
+                    {
+                        Some(combine_ca_files(dir, rds_bundle)?)
+                    }
+                    _ => settings.server_ca_file.clone(),
+                };
+                (
+                    Answer::Tokens,
+                    None,
+                    settings.server_tls_mode.as_pgbouncer(),
+                    ca_file,
+                )
+            }
         };
         let lookup = Arc::new(SourceLookup::new(
             &settings.databases,
+            answer,
             source.clone(),
             metrics.clone(),
         ));
@@ -93,9 +117,9 @@ impl AuthQueryMode {
             listener,
             config,
             lookup.clone(),
-            endpoint_stopped,
+            stopped(),
         ));
-        tracing::info!(listen = ?listen, "auth endpoint listening");
+        tracing::info!(listen = ?endpoint.listen, "auth endpoint listening");
 
         let keys: Vec<TokenKey> = settings
             .databases
@@ -112,15 +136,29 @@ impl AuthQueryMode {
                 break;
             }
             failures += 1;
-            tokio::time::sleep(backoff::delay(failures, Duration::from_secs(30))).await;
+            tokio::time::sleep(backoff::delay(
+                backoff::FIRST,
+                failures,
+                Duration::from_secs(30),
+            ))
+            .await;
         }
 
         let write = |name: &str, text: &str| {
             write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())
         };
+        let route = match &route {
+            Some((host, port)) => render::ServerRoute::Relay { host, port: *port },
+            None => render::ServerRoute::Direct,
+        };
         write(
             DATABASES_INI,
-            &render::auth_query_databases_ini(&settings.databases, &endpoint_host, port),
+            &render::auth_query_databases_ini(
+                &settings.databases,
+                route,
+                &endpoint.host,
+                endpoint.port,
+            ),
         )?;
         let userlist = render::userlist(admin_secret, Some(&auth_secret), &settings.clients);
         write(USERLIST, userlist.expose_secret())?;
@@ -130,15 +168,24 @@ impl AuthQueryMode {
         )?;
         write(
             PGBOUNCER_INI,
-            &render::pgbouncer_ini(settings, dir, server_ca_file.as_deref()),
+            &render::pgbouncer_ini(
+                settings,
+                dir,
+                render::ServerTls {
+                    mode: server_tls_mode,
+                    ca_file: server_ca_file.as_deref(),
+                },
+            ),
         )?;
         tracing::info!(dir = %dir.display(), databases = settings.databases.len(), "wrote PgBouncer's files");
 
-        let refresher = Arc::new(PoolRefresher {
-            console: tokio::sync::Mutex::new(AdminConsole::new(settings.listen, admin_secret)),
-            pgbouncer: reachable_ip(settings.listen),
-            pgbouncer_port: settings.listen.port(),
-            databases: settings.databases.clone(),
+        let refresher = (settings.mode == Mode::AuthQuery).then(|| {
+            Arc::new(PoolRefresher {
+                console: tokio::sync::Mutex::new(AdminConsole::new(settings.listen, admin_secret)),
+                pgbouncer: reachable_ip(settings.listen),
+                pgbouncer_port: settings.listen.port(),
+                databases: settings.databases.clone(),
+            })
         });
         Ok(Self {
             dir: dir.to_owned(),
@@ -155,8 +202,9 @@ impl AuthQueryMode {
     /// Pushes the new tokens into PgBouncer's pools in the background; the files do not
     /// change, so PgBouncer need not reload.
     pub fn on_new_tokens(&self) -> bool {
-        let refresher = self.refresher.clone();
-        tokio::spawn(async move { refresher.refresh_pools().await });
+        if let Some(refresher) = self.refresher.clone() {
+            tokio::spawn(async move { refresher.refresh_pools().await });
+        }
         false
     }
 
@@ -196,22 +244,114 @@ fn combine_ca_files(dir: &Path, rds_bundle: &Path) -> Result<PathBuf, String> {
     Ok(dir.join(COMBINED_CA_FILE))
 }
 
-/// Answers the endpoint's lookups from the token source, within each entry's allow-list.
+/// Where the daemon's local Postgres server for one purpose listens, and how PgBouncer
+/// reaches it.
+struct LocalAddress {
+    listen: Listen,
+    /// PgBouncer's `host=`: the address, or the socket's directory.
+    host: String,
+    port: u16,
+}
+
+impl LocalAddress {
+    fn of(listen: &LocalListen, dir: &Path) -> Self {
+        match *listen {
+            LocalListen::Tcp(addr) => Self {
+                listen: Listen::Tcp(addr),
+                host: reachable_ip(addr).to_string(),
+                port: addr.port(),
+            },
+            LocalListen::Unix { port } => Self {
+                listen: Listen::Unix {
+                    path: dir.join(format!(".s.PGSQL.{port}")),
+                    mode: DEFAULT_SOCKET_MODE,
+                },
+                host: dir.display().to_string(),
+                port,
+            },
+        }
+    }
+
+    async fn bind(&self, what: &str) -> Result<BoundListener, String> {
+        BoundListener::bind(&self.listen)
+            .await
+            .map_err(|error| format!("{what} cannot listen on {:?}: {error}", self.listen))
+    }
+}
+
+/// The relay of passthrough mode: one target per database entry, keyed by its name.
+async fn start_relay(
+    settings: &Settings,
+    address: &LocalAddress,
+    secret: SecretString,
+    source: &Arc<TokenSource>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let ca_file = settings.server_ca_file.as_deref().ok_or(
+        "passthrough mode verifies RDS itself and needs --server-ca-file (the RDS CA bundle)",
+    )?;
+    let targets = settings
+        .databases
+        .iter()
+        .map(|db| {
+            let upstream = Upstream {
+                host: db.target.host.clone(),
+                port: db.target.port,
+                region: db.target.region.clone(),
+                database: db.dbname.clone(),
+            };
+            (db.name.clone(), upstream)
+        })
+        .collect();
+    let config = Arc::new(RelayConfig {
+        secret,
+        peer_uid: None,
+        upstream_tls: upstream_tls(ca_file)?,
+        targets,
+        limits: RelayLimits::default(),
+    });
+    let listener = address.bind("relay").await?;
+    tokio::spawn(crate::relay::serve(
+        listener,
+        config,
+        source.clone(),
+        stopped,
+    ));
+    tracing::info!(listen = ?address.listen, "relay listening");
+    Ok(())
+}
+
+/// What the endpoint answers an allowed user's auth_query with.
+enum Answer {
+    /// The user's current token: PgBouncer logs in to RDS with it (auth-query mode).
+    Tokens,
+    /// The relay's secret: PgBouncer logs in to the relay with it (passthrough mode).
+    RelaySecret(SecretString),
+}
+
+/// Answers the endpoint's lookups, within each entry's allow-list.
 struct SourceLookup {
     /// By the name PgBouncer connects to the endpoint with: the application entry's name.
     databases: HashMap<String, Database>,
+    answer: Answer,
     source: Arc<TokenSource>,
     metrics: Arc<Metrics>,
     credentials_expiry: Mutex<Option<SystemTime>>,
 }
 
 impl SourceLookup {
-    fn new(databases: &[Database], source: Arc<TokenSource>, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        databases: &[Database],
+        answer: Answer,
+        source: Arc<TokenSource>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             databases: databases
                 .iter()
                 .map(|db| (db.name.clone(), db.clone()))
                 .collect(),
+            answer,
             source,
             metrics,
             credentials_expiry: Mutex::new(None),
@@ -231,6 +371,11 @@ impl TokenLookup for SourceLookup {
             self.metrics
                 .auth_query_answered(AuthQueryResult::UnknownUser, started.elapsed());
             return Lookup::NoSuchUser;
+        }
+        if let Answer::RelaySecret(secret) = &self.answer {
+            self.metrics
+                .auth_query_answered(AuthQueryResult::Token, started.elapsed());
+            return Lookup::Token(secret.clone());
         }
         match self.source.token(&entry.key_for(user)).await {
             Ok(fresh) => {

@@ -35,7 +35,12 @@ impl ConfigMode {
         let mut failures = 0;
         while !tokens.fill(source, &settings.databases).await {
             failures += 1;
-            tokio::time::sleep(backoff::delay(failures, Duration::from_secs(30))).await;
+            tokio::time::sleep(backoff::delay(
+                backoff::FIRST,
+                failures,
+                Duration::from_secs(30),
+            ))
+            .await;
         }
         let write = |name: &str, text: &str| {
             write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())
@@ -50,7 +55,14 @@ impl ConfigMode {
         )?;
         write(
             PGBOUNCER_INI,
-            &render::pgbouncer_ini(settings, dir, settings.server_ca_file.as_deref()),
+            &render::pgbouncer_ini(
+                settings,
+                dir,
+                render::ServerTls {
+                    mode: settings.server_tls_mode.as_pgbouncer(),
+                    ca_file: settings.server_ca_file.as_deref(),
+                },
+            ),
         )?;
         tracing::info!(dir = %dir.display(), databases = settings.databases.len(), "wrote PgBouncer's files");
         Ok(Self {

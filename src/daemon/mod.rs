@@ -164,8 +164,8 @@ async fn run_with(
             Mode::Config => {
                 Handler::Config(ConfigMode::start(&settings, &dir, &admin_secret, &source).await?)
             }
-            Mode::AuthQuery => Handler::AuthQuery(
-                AuthQueryMode::start(&settings, &dir, &admin_secret, &source, &metrics, stopped())
+            Mode::AuthQuery | Mode::Passthrough => Handler::AuthQuery(
+                AuthQueryMode::start(&settings, &dir, &admin_secret, &source, &metrics, &stopped)
                     .await?,
             ),
         })

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 const RETRY_CAP: Duration = Duration::from_secs(15);
+/// A PgBouncer started a moment ago listens within milliseconds; waiting the usual half
+/// second for it would dominate the daemon's start-up time.
+const FIRST_CONSOLE_RETRY: Duration = Duration::from_millis(20);
 /// How often an idle daemon checks that PgBouncer still answers, for readiness.
 const PING_EVERY: Duration = Duration::from_secs(10);
 
@@ -75,9 +78,15 @@ impl Task {
                 }
                 Err(error) => {
                     failures += 1;
-                    tracing::warn!(%error, "PgBouncer's admin console is not answering yet");
+                    // A PgBouncer starting beside the daemon takes a few tries to answer.
+                    if failures > 5 {
+                        tracing::warn!(%error, "PgBouncer's admin console is not answering yet");
+                    } else {
+                        tracing::debug!(%error, "PgBouncer's admin console is not answering yet");
+                    }
                     self.state.pgbouncer_failed(error.to_string());
-                    tokio::time::sleep(backoff::delay(failures, RETRY_CAP)).await;
+                    tokio::time::sleep(backoff::delay(FIRST_CONSOLE_RETRY, failures, RETRY_CAP))
+                        .await;
                 }
             }
         }
@@ -105,7 +114,7 @@ impl Task {
                     failures += 1;
                     tracing::warn!(%error, failures, "PgBouncer reload failed; retrying");
                     self.state.pgbouncer_failed(error.to_string());
-                    tokio::time::sleep(backoff::delay(failures, RETRY_CAP)).await;
+                    tokio::time::sleep(backoff::delay(backoff::FIRST, failures, RETRY_CAP)).await;
                 }
             }
         }

@@ -75,10 +75,10 @@ impl BoundListener {
 
 impl Drop for BoundListener {
     fn drop(&mut self) {
-        if let Inner::Unix(_, path, id) = &self.inner {
-            if fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
-                let _ = fs::remove_file(path);
-            }
+        if let Inner::Unix(_, path, id) = &self.inner
+            && fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id)
+        {
+            let _ = fs::remove_file(path);
         }
     }
 }

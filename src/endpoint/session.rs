@@ -574,10 +574,10 @@ impl<'a, L: TokenLookup> Queries<'a, L> {
                     backend::command_complete(out, "SELECT 1");
                 }
                 ["set", ..] => {
-                    if let Some((name, value)) = parse_set(statement) {
-                        if self.startup_setting(name, &value) {
-                            backend::parameter_status(out, canonical(name), &value);
-                        }
+                    if let Some((name, value)) = parse_set(statement)
+                        && self.startup_setting(name, &value)
+                    {
+                        backend::parameter_status(out, canonical(name), &value);
                     }
                     backend::command_complete(out, "SET");
                 }

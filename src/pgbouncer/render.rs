@@ -27,9 +27,15 @@ pub const HBA: &str = "pg_hba.conf";
 const HEADER: &str =
     ";; Written by aws-pgbouncer, which owns this directory and rewrites its files.\n";
 
-/// `server_ca_file` is the bundle PgBouncer verifies servers against: the given one, or in
-/// auth-query mode over TCP the given one plus the endpoint's own CA.
-pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_ca_file: Option<&Path>) -> String {
+/// How PgBouncer speaks TLS to its servers: in config and auth-query modes the configured
+/// mode, and the configured CA bundle (plus the endpoint's CA for a TCP endpoint); in
+/// passthrough mode PgBouncer talks only to the daemon on loopback, which does the TLS.
+pub struct ServerTls<'a> {
+    pub mode: &'a str,
+    pub ca_file: Option<&'a Path>,
+}
+
+pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>) -> String {
     let mut ini = String::from(HEADER);
     ini.push_str("[pgbouncer]\n");
     let mut set = |key: &str, value: &str| {
@@ -41,14 +47,11 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_ca_file: Option<&Pa
     set("auth_hba_file", &dir.join(HBA).display().to_string());
     set("auth_file", &dir.join(USERLIST).display().to_string());
     set("admin_users", ADMIN_USER);
-    set(
-        "server_tls_sslmode",
-        settings.server_tls_mode.as_pgbouncer(),
-    );
-    if let Some(ca_file) = server_ca_file {
+    set("server_tls_sslmode", server_tls.mode);
+    if let Some(ca_file) = server_tls.ca_file {
         set("server_tls_ca_file", &ca_file.display().to_string());
     }
-    if settings.mode == Mode::AuthQuery {
+    if settings.mode != Mode::Config {
         set("auth_user", AUTH_USER);
         set("auth_query", AUTH_QUERY);
     }
@@ -94,22 +97,43 @@ pub fn databases_ini<'a>(
     SecretString::from(ini)
 }
 
-/// Auth-query mode's `[databases]`: each application entry has no forced user, so PgBouncer
-/// logs in as the client's user with the password its auth_query returns, and names an auth
-/// entry that points at the endpoint. The auth entry's dbname is the application entry's
-/// name: that is how the endpoint knows which server's token to answer with.
-pub fn auth_query_databases_ini(databases: &[Database], endpoint_host: &str, port: u16) -> String {
+/// Where PgBouncer's server connections for the application entries go.
+pub enum ServerRoute<'a> {
+    /// Straight to each entry's database server (auth-query mode).
+    Direct,
+    /// Through the daemon's relay, which picks the server by the database name PgBouncer
+    /// sends: the entry's name (passthrough mode).
+    Relay { host: &'a str, port: u16 },
+}
+
+/// Auth-query and passthrough modes' `[databases]`: each application entry has no forced
+/// user, so PgBouncer logs in as the client's user with the password its auth_query returns,
+/// and names an auth entry that points at the endpoint. The auth entry's dbname is the
+/// application entry's name: that is how the endpoint knows which server to answer for.
+pub fn auth_query_databases_ini(
+    databases: &[Database],
+    route: ServerRoute<'_>,
+    endpoint_host: &str,
+    port: u16,
+) -> String {
     let mut ini = String::from(HEADER);
     ini.push_str("[databases]\n");
     for database in databases {
         let auth_entry = auth_database_name(&database.name);
+        let (host, server_port, dbname) = match route {
+            ServerRoute::Direct => (
+                database.target.host.as_str(),
+                database.target.port,
+                &database.dbname,
+            ),
+            ServerRoute::Relay { host, port } => (host, port, &database.name),
+        };
         let _ = write!(
             ini,
-            "{} = host={} port={} dbname={} auth_dbname={auth_entry}",
+            "{} = host={} port={server_port} dbname={} auth_dbname={auth_entry}",
             database.name,
-            quote_value(&database.target.host),
-            database.target.port,
-            quote_value(&database.dbname),
+            quote_value(host),
+            quote_value(dbname),
         );
         for (key, value) in &database.options {
             let _ = write!(ini, " {key}={}", quote_value(value));
@@ -179,7 +203,7 @@ pub fn hba(mode: Mode, databases: &[Database], clients: &[Client]) -> String {
             None => allow(&names, &client.user, "trust", false),
         }
     }
-    if mode == Mode::AuthQuery {
+    if mode != Mode::Config {
         let _ = writeln!(rules, "local {names} all trust");
         let _ = writeln!(rules, "host {names} all 127.0.0.1/32 trust");
         let _ = writeln!(rules, "host {names} all ::1/128 trust");

@@ -316,6 +316,7 @@ async fn refresh_forever(source: Weak<TokenSource>, key: TokenKey) {
 /// token's remaining life.
 fn backoff(failures: u32, lifetime: Duration) -> Duration {
     crate::backoff::delay(
+        crate::backoff::FIRST,
         failures,
         (lifetime / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)),
     )

@@ -866,10 +866,10 @@ pub fn ini_settings(text: &str) -> Vec<(String, String)> {
             section = l[1..l.len() - 1].trim().to_ascii_lowercase();
             continue;
         }
-        if section == "pgbouncer" {
-            if let Some((k, v)) = l.split_once('=') {
-                out.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-            }
+        if section == "pgbouncer"
+            && let Some((k, v)) = l.split_once('=')
+        {
+            out.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
         }
     }
     out

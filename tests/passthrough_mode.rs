@@ -1,0 +1,180 @@
+//! Passthrough mode end to end: PgBouncer's server connections go through the daemon's relay,
+//! which logs each in to the RDS stand-in with a token minted for it. PgBouncer holds no token.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use support::client::{Tally, connect, describe, kill_idle_backends, scalar};
+use support::daemon::Daemon;
+use support::{Standin, free_port, test_dir, write_file};
+
+fn start(standin: &Standin, work: &std::path::Path, listen_port: u16) -> Daemon {
+    let config = work.join("passthrough.toml");
+    write_file(
+        &config,
+        &format!(
+            r#"
+mode = "passthrough"
+token_lifetime = 20
+listen = "127.0.0.1:{listen_port}"
+relay_listen = "unix"
+auth_listen = "unix"
+server_ca_file = "{ca}"
+region = "us-east-1"
+
+[pgbouncer]
+pool_mode = "transaction"
+server_check_delay = 0
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {port}
+dbname = "appdb"
+users = ["app_user", "reporter"]
+"#,
+            ca = standin.ca_path().display(),
+            port = standin.port(),
+        ),
+        0o644,
+    );
+    let mut daemon = Daemon::start(
+        work,
+        &standin.static_creds(),
+        &["--supervise", "--config", config.to_str().unwrap()],
+    );
+    daemon.wait_for_log(
+        "started: PgBouncer has the first tokens",
+        Duration::from_secs(30),
+    );
+    daemon
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_token_lifetimes_of_new_and_long_lived_clients_for_two_users() {
+    let standin = Arc::new(Standin::start());
+    let work = test_dir("passthrough");
+    let listen_port = free_port();
+    let daemon = start(&standin, work.path(), listen_port);
+    for file in [
+        "databases.ini",
+        "userlist.txt",
+        "pg_hba.conf",
+        "pgbouncer.ini",
+    ] {
+        let text = std::fs::read_to_string(daemon.pgbouncer_dir.join(file)).unwrap();
+        for user in ["app_user", "reporter"] {
+            assert!(!text.contains(user), "{user} appears in {file}");
+        }
+        assert!(!text.contains("X-Amz-Signature"), "a token is in {file}");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut tasks = Vec::new();
+    for user in ["app_user", "reporter"] {
+        let (stop, tally) = (stop.clone(), tally.clone());
+        let long_lived = connect(listen_port, user, "appdb").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut round = 0;
+            while !stop.load(Ordering::Relaxed) {
+                round += 1;
+                let fresh = async {
+                    let client = connect(listen_port, user, "appdb").await?;
+                    let current = scalar(&client, "SELECT current_user").await?;
+                    (current == user).then_some(()).ok_or(current)
+                };
+                tally.record(fresh.await);
+                if round % 5 == 0 {
+                    tally.record(scalar(&long_lived, "SELECT 1").await.map(drop));
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+        }));
+    }
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(64) {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        kills +=
+            kill_idle_backends(&standin, "app_user") + kill_idle_backends(&standin, "reporter");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(
+        tally.failures().is_empty(),
+        "{:#?}\n{}",
+        tally.failures(),
+        daemon.log()
+    );
+    assert!(
+        tally.ok() > 150 && kills >= 10,
+        "{} queries, {kills} kills",
+        tally.ok()
+    );
+    let logins = standin.verifier_log();
+    for user in ["app_user", "reporter"] {
+        let accepted = logins
+            .iter()
+            .filter(|entry| entry["user"] == user && entry["accepted"] == true)
+            .count();
+        assert!(accepted >= 5, "{user}: {accepted} server logins");
+    }
+    assert!(logins.iter().all(|entry| entry["accepted"] == true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_query_is_cancelled_on_the_server() {
+    let standin = Standin::start();
+    let work = test_dir("passthrough-cancel");
+    let listen_port = free_port();
+    let _daemon = start(&standin, work.path(), listen_port);
+    let client = connect(listen_port, "app_user", "appdb").await.unwrap();
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = client.simple_query("SELECT pg_sleep(30)").await;
+        (
+            outcome.map(drop).map_err(|error| describe(&error)),
+            started.elapsed(),
+        )
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(standin.backend_count("app_user") >= 1);
+    cancel
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel through PgBouncer");
+    let (outcome, took) = sleeping.await.unwrap();
+    let error = outcome.expect_err("the query was cancelled");
+    assert!(
+        error.contains("canceling statement due to user request"),
+        "{error}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "cancelled only after {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_off_the_allow_list_are_refused() {
+    let standin = Standin::start();
+    let work = test_dir("passthrough-refusals");
+    let listen_port = free_port();
+    let _daemon = start(&standin, work.path(), listen_port);
+    for user in ["second_user", "password_user"] {
+        let refused = match connect(listen_port, user, "appdb").await {
+            Ok(client) => scalar(&client, "SELECT 1").await.unwrap_err(),
+            Err(error) => error,
+        };
+        assert!(
+            refused.contains("password authentication failed") || refused.contains("no such user"),
+            "{user}: {refused}"
+        );
+    }
+}
