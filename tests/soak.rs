@@ -109,7 +109,16 @@ user = "app_user"
     );
     eprintln!("{output}");
 
-    assert!(status.success(), "pgbench failed:\n{output}");
+    let rejected: Vec<_> = standin
+        .verifier_log()
+        .into_iter()
+        .filter(|entry| entry["accepted"] != true)
+        .collect();
+    assert!(
+        status.success() && rejected.is_empty(),
+        "pgbench failed:\n{output}\nrejected logins: {rejected:#?}\n{}",
+        daemon.log()
+    );
     assert!(
         output.contains("number of failed transactions: 0 (0.000%)"),
         "failed transactions:\n{output}"

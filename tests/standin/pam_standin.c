@@ -21,6 +21,7 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <syslog.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <security/pam_ext.h>
@@ -45,6 +46,7 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
 {
     const char *user = NULL;
     const char *authtok = NULL;
+    char received_at[32] = "";
     char **child_argv;
     int pipefd[2];
     pid_t pid;
@@ -59,6 +61,14 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
         return PAM_USER_UNKNOWN;
     if (pam_get_authtok(pamh, PAM_AUTHTOK, &authtok, NULL) != PAM_SUCCESS || authtok == NULL)
         return PAM_AUTH_ERR;
+    /* RDS judges a token's expiry when the password arrives; the verifier, a Python process
+     * started only now, may take a second to get going on a loaded machine. */
+    {
+        struct timespec now;
+        if (clock_gettime(CLOCK_REALTIME, &now) == 0)
+            snprintf(received_at, sizeof(received_at), "%lld.%03ld", (long long)now.tv_sec,
+                     now.tv_nsec / 1000000);
+    }
 
     child_argv = calloc((size_t)argc + 1, sizeof(char *));
     if (child_argv == NULL)
@@ -85,6 +95,8 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
         if (dup2(pipefd[0], STDIN_FILENO) < 0)
             _exit(127);
         if (setenv("PAM_USER", user, 1) != 0)
+            _exit(127);
+        if (received_at[0] != '\0' && setenv("STANDIN_RECEIVED_AT", received_at, 1) != 0)
             _exit(127);
         execv(child_argv[0], child_argv);
         _exit(127);

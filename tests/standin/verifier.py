@@ -249,7 +249,9 @@ def main():
             raise Reject("malformed", "token is not ASCII") from e
         if not info["user"]:
             raise Reject("config_error", "PAM_USER is not set")
-        verify(cfg, info["user"], token, time.time(), info)
+        # When the password reached the server (set by the PAM module), as RDS would judge it.
+        received_at = float(os.environ.get("STANDIN_RECEIVED_AT") or time.time())
+        verify(cfg, info["user"], token, received_at, info)
         info["accepted"] = True
         info["reason"] = "ok"
     except Reject as r:
