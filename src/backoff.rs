@@ -13,3 +13,14 @@ pub fn delay(first: Duration, failures: u32, cap: Duration) -> Duration {
 
 /// The usual first delay: long enough not to hammer, short enough to recover quickly.
 pub const FIRST: Duration = Duration::from_millis(500);
+
+/// Runs `attempt` until it returns true, backing off up to 30 s between tries: for the first
+/// tokens, without which there is nothing to give PgBouncer. The attempts record and log
+/// their own failures.
+pub async fn retry_until(mut attempt: impl AsyncFnMut() -> bool) {
+    let mut failures = 0;
+    while !attempt().await {
+        failures += 1;
+        tokio::time::sleep(delay(FIRST, failures, Duration::from_secs(30))).await;
+    }
+}

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::client::{connect, describe, kill_idle_backends, scalar};
 use support::daemon::Daemon;
-use support::{Standin, free_port, test_dir, write_file};
+use support::{Standin, free_port, test_dir};
 use tokio_postgres::NoTls;
 
 async fn current_user(client: &tokio_postgres::Client) -> Result<String, String> {
@@ -14,17 +14,11 @@ async fn current_user(client: &tokio_postgres::Client) -> Result<String, String>
 }
 
 fn start(standin: &Standin, work: &std::path::Path, listen_port: u16, auth_listen: &str) -> Daemon {
-    let config = work.join("aws-pgbouncer.toml");
-    write_file(
-        &config,
-        &format!(
-            r#"
+    let settings = format!(
+        r#"
 mode = "auth-query"
 token_lifetime = 20
-listen = "127.0.0.1:{listen_port}"
 auth_listen = "{auth_listen}"
-server_ca_file = "{ca}"
-region = "us-east-1"
 
 [pgbouncer]
 pool_mode = "transaction"
@@ -33,25 +27,12 @@ server_check_delay = 0
 [[databases]]
 name = "appdb"
 host = "localhost"
-port = {port}
+port = {{standin_port}}
 dbname = "appdb"
 users = ["app_user", "reporter"]
-"#,
-            ca = standin.ca_path().display(),
-            port = standin.port(),
-        ),
-        0o644,
+"#
     );
-    let mut daemon = Daemon::start(
-        work,
-        &standin.static_creds(),
-        &["--supervise", "--config", config.to_str().unwrap()],
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
-    );
-    daemon
+    Daemon::start_supervised(work, standin, listen_port, &settings)
 }
 
 /// Two IAM users that are in no file reach the stand-in; a user off the allow-list does not,

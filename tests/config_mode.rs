@@ -11,19 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::client::{Tally, connect, kill_idle_backends, scalar};
 use support::daemon::Daemon;
-use support::{Standin, free_port, test_dir, write_file};
+use support::{Standin, free_port, test_dir};
 
-const LIFETIME_SECS: u64 = 20;
-const RUN_FOR: Duration = Duration::from_secs(3 * LIFETIME_SECS + 8);
+/// Over three lifetimes of the 20-second tokens in SETTINGS.
+const RUN_FOR: Duration = Duration::from_secs(3 * 20 + 8);
 
-fn config_file(work: &Path, standin: &Standin, listen_port: u16) -> std::path::PathBuf {
-    let path = work.join("aws-pgbouncer.toml");
-    let text = format!(
-        r#"
-token_lifetime = {LIFETIME_SECS}
-listen = "127.0.0.1:{listen_port}"
-server_ca_file = "{ca}"
-region = "us-east-1"
+/// Two databases and users from one TOML file, one pooling transactions, one sessions.
+const SETTINGS: &str = r#"
+token_lifetime = 20
 
 [pgbouncer]
 pool_mode = "transaction"
@@ -33,24 +28,18 @@ max_client_conn = 200
 [[databases]]
 name = "appdb"
 host = "localhost"
-port = {port}
+port = {standin_port}
 dbname = "appdb"
 user = "app_user"
 
 [[databases]]
 name = "reports"
 host = "localhost"
-port = {port}
+port = {standin_port}
 dbname = "appdb"
 user = "reporter"
-options = {{ pool_mode = "session" }}
-"#,
-        ca = standin.ca_path().display(),
-        port = standin.port(),
-    );
-    write_file(&path, &text, 0o644);
-    path
-}
+options = { pool_mode = "session" }
+"#;
 
 /// Every file in the directory is 0600 and databases.ini is always whole: both entries, each
 /// with a token for its own user.
@@ -91,16 +80,7 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
     let standin = Standin::start();
     let work = test_dir("config-mode");
     let listen_port = free_port();
-    let config = config_file(work.path(), &standin, listen_port);
-    let mut daemon = Daemon::start(
-        work.path(),
-        &standin.static_creds(),
-        &["--supervise", "--config", config.to_str().unwrap()],
-    );
-    daemon.wait_for_log(
-        "connected to PgBouncer's admin console",
-        Duration::from_secs(30),
-    );
+    let mut daemon = Daemon::start_supervised(work.path(), &standin, listen_port, SETTINGS);
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());

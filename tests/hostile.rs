@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::client::{Tally, connect, scalar};
 use support::daemon::Daemon;
-use support::{Standin, free_port, test_dir, write_file};
+use support::{Standin, free_port, test_dir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
@@ -64,16 +64,10 @@ async fn hostile_clients_on_the_auth_endpoint_do_not_stop_pgbouncer() {
     let work = test_dir("hostile");
     let listen_port = free_port();
     let auth_port = free_port();
-    let config = work.path().join("auth-query.toml");
-    write_file(
-        &config,
-        &format!(
-            r#"
+    let settings = format!(
+        r#"
 mode = "auth-query"
-listen = "127.0.0.1:{listen_port}"
 auth_listen = "127.0.0.1:{auth_port}"
-server_ca_file = "{ca}"
-region = "us-east-1"
 
 [pgbouncer]
 pool_mode = "transaction"
@@ -81,24 +75,12 @@ pool_mode = "transaction"
 [[databases]]
 name = "appdb"
 host = "localhost"
-port = {port}
+port = {{standin_port}}
 dbname = "appdb"
 users = ["app_user", "reporter"]
-"#,
-            ca = standin.ca_path().display(),
-            port = standin.port(),
-        ),
-        0o644,
+"#
     );
-    let mut daemon = Daemon::start(
-        work.path(),
-        &standin.static_creds(),
-        &["--supervise", "--config", config.to_str().unwrap()],
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
-    );
+    let mut daemon = Daemon::start_supervised(work.path(), &standin, listen_port, &settings);
     let warm = connect(listen_port, "app_user", "appdb").await.unwrap();
     scalar(&warm, "SELECT 1").await.unwrap();
     drop(warm);

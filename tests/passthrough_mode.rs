@@ -8,21 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::client::{Tally, connect, describe, kill_idle_backends, scalar};
 use support::daemon::Daemon;
-use support::{Standin, free_port, test_dir, write_file};
+use support::{Standin, free_port, test_dir};
 
 fn start(standin: &Standin, work: &std::path::Path, listen_port: u16) -> Daemon {
-    let config = work.join("passthrough.toml");
-    write_file(
-        &config,
-        &format!(
-            r#"
+    let settings = r#"
 mode = "passthrough"
 token_lifetime = 20
-listen = "127.0.0.1:{listen_port}"
 relay_listen = "unix"
 auth_listen = "unix"
-server_ca_file = "{ca}"
-region = "us-east-1"
 
 [pgbouncer]
 pool_mode = "transaction"
@@ -31,25 +24,11 @@ server_check_delay = 0
 [[databases]]
 name = "appdb"
 host = "localhost"
-port = {port}
+port = {standin_port}
 dbname = "appdb"
 users = ["app_user", "reporter"]
-"#,
-            ca = standin.ca_path().display(),
-            port = standin.port(),
-        ),
-        0o644,
-    );
-    let mut daemon = Daemon::start(
-        work,
-        &standin.static_creds(),
-        &["--supervise", "--config", config.to_str().unwrap()],
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
-    );
-    daemon
+"#;
+    Daemon::start_supervised(work, standin, listen_port, settings)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

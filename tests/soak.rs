@@ -36,15 +36,8 @@ fn ten_minutes_of_traffic_through_five_second_tokens() {
     let standin = Standin::start();
     let work = test_dir("soak");
     let listen_port = free_port();
-    let config = work.path().join("soak.toml");
-    write_file(
-        &config,
-        &format!(
-            r#"
+    let settings = r#"
 token_lifetime = 5
-listen = "127.0.0.1:{listen_port}"
-server_ca_file = "{ca}"
-region = "us-east-1"
 
 [pgbouncer]
 pool_mode = "transaction"
@@ -54,24 +47,11 @@ default_pool_size = 4
 [[databases]]
 name = "appdb"
 host = "localhost"
-port = {port}
+port = {standin_port}
 dbname = "appdb"
 user = "app_user"
-"#,
-            ca = standin.ca_path().display(),
-            port = standin.port(),
-        ),
-        0o644,
-    );
-    let mut daemon = Daemon::start(
-        work.path(),
-        &standin.static_creds(),
-        &["--supervise", "--config", config.to_str().unwrap()],
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
-    );
+"#;
+    let mut daemon = Daemon::start_supervised(work.path(), &standin, listen_port, settings);
 
     let script = work.path().join("select.sql");
     write_file(&script, "SELECT count(*) FROM items;\n", 0o644);

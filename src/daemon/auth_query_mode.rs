@@ -126,23 +126,14 @@ impl AuthQueryMode {
             .iter()
             .flat_map(|db| db.allowed_users.iter().map(|user| db.key_for(user)))
             .collect();
-        let mut failures = 0;
-        loop {
+        backoff::retry_until(async || {
             let mut all = true;
             for key in &keys {
                 all &= source.token(key).await.is_ok();
             }
-            if all {
-                break;
-            }
-            failures += 1;
-            tokio::time::sleep(backoff::delay(
-                backoff::FIRST,
-                failures,
-                Duration::from_secs(30),
-            ))
-            .await;
-        }
+            all
+        })
+        .await;
 
         let write = |name: &str, text: &str| {
             write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())

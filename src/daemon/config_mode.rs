@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 pub struct ConfigMode {
     dir: PathBuf,
@@ -32,16 +32,7 @@ impl ConfigMode {
         source: &Arc<TokenSource>,
     ) -> Result<Self, String> {
         let mut tokens = TokenTable::default();
-        let mut failures = 0;
-        while !tokens.fill(source, &settings.databases).await {
-            failures += 1;
-            tokio::time::sleep(backoff::delay(
-                backoff::FIRST,
-                failures,
-                Duration::from_secs(30),
-            ))
-            .await;
-        }
+        backoff::retry_until(async || tokens.fill(source, &settings.databases).await).await;
         let write = |name: &str, text: &str| {
             write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())
         };

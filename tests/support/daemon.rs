@@ -1,7 +1,8 @@
 //! Runs the real `aws-pgbouncer` binary against the test bed, the way users run it.
 
 use super::{
-    ChildGuard, Creds, StopPolicy, Testbed, as_runner, free_port, log_output_to, wait_until,
+    ChildGuard, Creds, Standin, StopPolicy, Testbed, as_runner, free_port, log_output_to,
+    wait_until, write_file,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,36 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A daemon supervising PgBouncer on `127.0.0.1:listen_port`, configured by a TOML file:
+    /// the lines every test needs (listen address, the stand-in's CA and region), then
+    /// `settings`, in which `{standin_port}` stands for the stand-in's port. Credentials are
+    /// the stand-in's static keys. Returns once PgBouncer has the first tokens.
+    pub fn start_supervised(
+        work: &Path,
+        standin: &Standin,
+        listen_port: u16,
+        settings: &str,
+    ) -> Daemon {
+        let config = work.join("aws-pgbouncer.toml");
+        let text = format!(
+            "listen = \"127.0.0.1:{listen_port}\"\nserver_ca_file = \"{}\"\nregion = \"{}\"\n{}",
+            standin.ca_path().display(),
+            standin.region(),
+            settings.replace("{standin_port}", &standin.port().to_string()),
+        );
+        write_file(&config, &text, 0o644);
+        let mut daemon = Daemon::start(
+            work,
+            &standin.static_creds(),
+            &["--supervise", "--config", config.to_str().unwrap()],
+        );
+        daemon.wait_for_log(
+            "started: PgBouncer has the first tokens",
+            Duration::from_secs(30),
+        );
+        daemon
+    }
+
     /// Starts `run` with `args` (plus `--pgbouncer-dir work/pgbouncer` and a free HTTP port).
     pub fn start(work: &Path, creds: &Creds, args: &[&str]) -> Daemon {
         Self::start_with_env(work, Some(creds), &[], args)
