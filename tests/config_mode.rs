@@ -174,3 +174,41 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
         .expect("daemon stops");
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{}", daemon.log());
 }
+
+/// An application configured like the old shell sidecar's example (localhost, the database
+/// name, the user name, no password) works with the old sidecar's variables.
+#[test]
+fn the_old_sidecars_variables_still_work() {
+    let standin = Standin::start();
+    let work = test_dir("legacy-env");
+    let listen_port = free_port();
+    let standin_port = standin.port().to_string();
+    let mut daemon = Daemon::start_with_env(
+        work.path(),
+        Some(&standin.static_creds()),
+        &[
+            ("RDS_HOST", standin.host()),
+            ("DB_PORT", &standin_port),
+            ("DB_NAME", "appdb"),
+            ("DB_USERNAME", "app_user"),
+            ("AWS_REGION", standin.region()),
+        ],
+        &[
+            "--supervise",
+            "--listen",
+            &format!("127.0.0.1:{listen_port}"),
+            "--server-ca-file",
+            standin.ca_path().to_str().unwrap(),
+        ],
+    );
+    daemon.wait_for_log(
+        "started: PgBouncer has the first tokens",
+        Duration::from_secs(30),
+    );
+    let answer = support::psql(
+        &format!("host=localhost port={listen_port} dbname=appdb user=app_user"),
+        None,
+        "SELECT current_user",
+    );
+    assert_eq!(answer.as_deref(), Ok("app_user"), "{}", daemon.log());
+}

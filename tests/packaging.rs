@@ -50,6 +50,7 @@ fn k8s_manifests() -> Vec<(String, Vec<Value>)> {
         [
             "auth-query-mode.yaml",
             "config-mode.yaml",
+            "passthrough-mode.yaml",
             "supervised.yaml"
         ]
         .iter()
