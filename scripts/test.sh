@@ -11,7 +11,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/provision.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-# nextest runs the test binaries side by side, so the ten-minute soak test overlaps the rest.
-cargo nextest run --locked --no-fail-fast
+# nextest runs the test binaries side by side, so the ten-minute soak test overlaps the rest
+# (.config/nextest.toml); plain cargo test runs them one after another.
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --locked --no-fail-fast
+else
+    cargo test --locked --no-fail-fast
+fi
 # The criterion benchmarks, once each, to prove they still run.
 cargo test --benches --locked
