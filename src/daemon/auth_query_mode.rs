@@ -23,10 +23,10 @@ use crate::endpoint::{
 use crate::metrics::{AuthQueryResult, Metrics};
 use crate::pgbouncer::admin::AdminConsole;
 use crate::pgbouncer::files::{load_or_create_secret, write_atomically};
-use crate::pgbouncer::render::{self, DATABASES_INI, HBA, PGBOUNCER_INI, USERLIST};
+use crate::pgbouncer::render::{self, PGBOUNCER_INI};
 use crate::relay::{Limits as RelayLimits, RelayConfig, Upstream, upstream_tls};
 use crate::token::{TokenKey, TokenSource};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -135,40 +135,25 @@ impl AuthQueryMode {
         })
         .await;
 
-        let write = |name: &str, text: &str| {
-            write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())
-        };
         let route = match &route {
             Some((host, port)) => render::ServerRoute::Relay { host, port: *port },
             None => render::ServerRoute::Direct,
         };
-        write(
-            DATABASES_INI,
+        super::write_pgbouncer_files(
+            settings,
+            dir,
             &render::auth_query_databases_ini(
                 &settings.databases,
                 route,
                 &endpoint.host,
                 endpoint.port,
             ),
+            &render::userlist(admin_secret, Some(&auth_secret), &settings.clients),
+            render::ServerTls {
+                mode: server_tls_mode,
+                ca_file: server_ca_file.as_deref(),
+            },
         )?;
-        let userlist = render::userlist(admin_secret, Some(&auth_secret), &settings.clients);
-        write(USERLIST, userlist.expose_secret())?;
-        write(
-            HBA,
-            &render::hba(settings.mode, &settings.databases, &settings.clients),
-        )?;
-        write(
-            PGBOUNCER_INI,
-            &render::pgbouncer_ini(
-                settings,
-                dir,
-                render::ServerTls {
-                    mode: server_tls_mode,
-                    ca_file: server_ca_file.as_deref(),
-                },
-            ),
-        )?;
-        tracing::info!(dir = %dir.display(), databases = settings.databases.len(), "wrote PgBouncer's files");
 
         let refresher = (settings.mode == Mode::AuthQuery).then(|| {
             Arc::new(PoolRefresher {

@@ -7,7 +7,7 @@
 use crate::backoff;
 use crate::config::{Database, Settings};
 use crate::pgbouncer::files::write_atomically;
-use crate::pgbouncer::render::{self, DATABASES_INI, HBA, PGBOUNCER_INI, USERLIST};
+use crate::pgbouncer::render::{self, DATABASES_INI, PGBOUNCER_INI};
 use crate::token::{AuthToken, FreshToken, TokenSource};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
@@ -33,29 +33,17 @@ impl ConfigMode {
     ) -> Result<Self, String> {
         let mut tokens = TokenTable::default();
         backoff::retry_until(async || tokens.fill(source, &settings.databases).await).await;
-        let write = |name: &str, text: &str| {
-            write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())
-        };
         let written = tokens.render(&settings.databases);
-        write(DATABASES_INI, written.expose_secret())?;
-        let userlist = render::userlist(admin_secret, None, &settings.clients);
-        write(USERLIST, userlist.expose_secret())?;
-        write(
-            HBA,
-            &render::hba(settings.mode, &settings.databases, &settings.clients),
+        super::write_pgbouncer_files(
+            settings,
+            dir,
+            written.expose_secret(),
+            &render::userlist(admin_secret, None, &settings.clients),
+            render::ServerTls {
+                mode: settings.server_tls_mode.as_pgbouncer(),
+                ca_file: settings.server_ca_file.as_deref(),
+            },
         )?;
-        write(
-            PGBOUNCER_INI,
-            &render::pgbouncer_ini(
-                settings,
-                dir,
-                render::ServerTls {
-                    mode: settings.server_tls_mode.as_pgbouncer(),
-                    ca_file: settings.server_ca_file.as_deref(),
-                },
-            ),
-        )?;
-        tracing::info!(dir = %dir.display(), databases = settings.databases.len(), "wrote PgBouncer's files");
         Ok(Self {
             dir: dir.to_owned(),
             databases: settings.databases.clone(),

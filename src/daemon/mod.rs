@@ -245,6 +245,35 @@ async fn run_with(
     Ok(stopping.stop.outcome(args))
 }
 
+/// Everything PgBouncer reads, written in the order that keeps what it sees consistent:
+/// `pgbouncer.ini`, which names the others, comes last.
+fn write_pgbouncer_files(
+    settings: &Settings,
+    dir: &std::path::Path,
+    databases_ini: &str,
+    userlist: &secrecy::SecretString,
+    server_tls: crate::pgbouncer::render::ServerTls<'_>,
+) -> Result<(), String> {
+    use crate::pgbouncer::files::write_atomically;
+    use crate::pgbouncer::render::{self, DATABASES_INI, HBA, PGBOUNCER_INI, USERLIST};
+    use secrecy::ExposeSecret;
+    let write = |name: &str, text: &str| {
+        write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())
+    };
+    write(DATABASES_INI, databases_ini)?;
+    write(USERLIST, userlist.expose_secret())?;
+    write(
+        HBA,
+        &render::hba(settings.mode, &settings.databases, &settings.clients),
+    )?;
+    write(
+        PGBOUNCER_INI,
+        &render::pgbouncer_ini(settings, dir, server_tls),
+    )?;
+    tracing::info!(dir = %dir.display(), databases = settings.databases.len(), "wrote PgBouncer's files");
+    Ok(())
+}
+
 /// What differs between the modes once the daemon runs.
 enum Handler {
     Config(ConfigMode),
