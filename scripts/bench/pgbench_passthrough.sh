@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# Passthrough mode against config mode: pgbench through the same PgBouncer, against the same
+# stand-in, alternated in one run (config, passthrough, config, passthrough, ...):
+#   config       aws-pgbouncer run --supervise in config mode, exactly as
+#                pgbench_config_mode.sh runs it: PgBouncer holds app_user's token as a plain
+#                password and logs in to the stand-in itself (TLS verify-full);
+#   passthrough  aws-pgbouncer run --supervise with mode = "passthrough", users = ["app_user"]:
+#                PgBouncer's server connections go to the daemon's relay (unix socket by
+#                default), which logs each in to the stand-in over TLS with a token minted for
+#                it and then copies bytes both ways; PgBouncer's auth_query goes to the
+#                daemon's endpoint (unix socket by default).
+# Both run side by side for the whole run, same pool settings (transaction pooling,
+# default_pool_size, max_client_conn), same token lifetime. Workloads, each round:
+# select-only (-S), TPC-B-like (default script), and select-only with a new connection per
+# transaction (-S -C). Clients log in to PgBouncer as app_user (hba trust, loopback) in both.
+#
+# Environment (defaults in brackets):
+#   BENCH_ROUNDS [5]  BENCH_DURATION [20] s per pgbench run  BENCH_CLIENTS [8]  BENCH_JOBS [2]
+#   BENCH_SCALE [8]   BENCH_POOL_SIZE [8]  BENCH_TOKEN_LIFETIME [30] s
+#   BENCH_RELAY_LISTEN [unix]  BENCH_AUTH_LISTEN [unix]  passthrough's relay_listen and
+#                     auth_listen; "tcp" picks a free loopback port for either
+#   BENCH_RESULTS     where raw outputs and summary.txt go [target/bench-results/...]
+#   AWS_PGBOUNCER_BIN use this binary instead of building the release one
+set -euo pipefail
+ROUNDS=${BENCH_ROUNDS:-5}
+DURATION=${BENCH_DURATION:-20}
+CLIENTS=${BENCH_CLIENTS:-8}
+JOBS=${BENCH_JOBS:-2}
+SCALE=${BENCH_SCALE:-8}
+POOL_SIZE=${BENCH_POOL_SIZE:-8}
+LIFETIME=${BENCH_TOKEN_LIFETIME:-30}
+RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix}
+AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix}
+# shellcheck source=scripts/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+[ "$RELAY_LISTEN" != tcp ] || RELAY_LISTEN=127.0.0.1:$(free_port)
+[ "$AUTH_LISTEN" != tcp ] || AUTH_LISTEN=127.0.0.1:$(free_port)
+
+machine_line | tee "$RESULTS/machine.txt" >&2
+daemon_binary
+start_standin
+say "stand-in on 127.0.0.1:$STANDIN_PORT; pgbench -i -s $SCALE as standin_admin"
+pgbench -i -q -s "$SCALE" -h "$STANDIN_DIR" -p "$STANDIN_PORT" -U standin_admin appdb \
+    >"$RESULTS/pgbench-init.log" 2>&1
+standin_sql -d appdb -c \
+    "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app_user"
+
+# --- both set-ups: aws-pgbouncer supervising PgBouncer ------------------------------------------
+declare -A port http dir daemon_pid
+# start_aws NAME MODE_LINES DATABASE_LINES: writes NAME.toml and starts the daemon on it.
+start_aws() {
+    local name=$1
+    port[$name]=$(free_port)
+    http[$name]=$(free_port)
+    dir[$name]=$WORK/$name/pgbouncer
+    mkdir "$WORK/$name"
+    cat >"$WORK/$name.toml" <<EOF
+$2
+pgbouncer_dir = "${dir[$name]}"
+listen = "127.0.0.1:${port[$name]}"
+token_lifetime = $LIFETIME
+server_ca_file = "$STANDIN_DIR/ca.crt"
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = $STANDIN_PORT
+dbname = "appdb"
+$3
+region = "us-east-1"
+
+[pgbouncer]
+pool_mode = "transaction"
+default_pool_size = $POOL_SIZE
+max_client_conn = 200
+EOF
+    cp "$WORK/$name.toml" "$RESULTS/$name.toml"
+    [ ${#as_user[@]} -eq 0 ] || chown -R postgres: "$WORK/$name" "$WORK/$name.toml"
+    start_bg "$RESULTS/$name-daemon.log" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run \
+        --config "$WORK/$name.toml" --supervise --pgbouncer-bin "$PGBOUNCER_BIN" \
+        --http-listen "127.0.0.1:${http[$name]}" --max-shutdown-delay 5
+    daemon_pid[$name]=$LAST_PID # setpriv and env exec: this is the daemon itself
+    wait_http_200 "http://127.0.0.1:${http[$name]}/startupz" \
+        || { cat "$RESULTS/$name-daemon.log" >&2; say "$name daemon did not start"; exit 1; }
+    cp "${dir[$name]}/pgbouncer.ini" "$RESULTS/$name-pgbouncer.ini"
+    cp "${dir[$name]}/databases.ini" "$RESULTS/$name-databases.ini" 2>/dev/null || true
+    say "$name: aws-pgbouncer started; its PgBouncer listens on 127.0.0.1:${port[$name]}"
+}
+start_aws config "" 'user = "app_user"'
+start_aws passthrough "mode = \"passthrough\"
+relay_listen = \"$RELAY_LISTEN\"
+auth_listen = \"$AUTH_LISTEN\"" 'users = ["app_user"]'
+setups=(config passthrough)
+
+# Evidence that the two [pgbouncer] sections differ only where they must, and where the
+# passthrough PgBouncer's server connections go.
+section() { sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort; }
+diff <(section "${dir[config]}/pgbouncer.ini") <(section "${dir[passthrough]}/pgbouncer.ini") \
+    >"$RESULTS/ini-diff.txt" || true
+
+# --- rounds ------------------------------------------------------------------------------------
+declare -A flags=([select]="-S" [tpcb]="" [connect]="-S -C")
+workloads=(select tpcb connect)
+reloads() { grep -c 'PgBouncer reloaded' "$RESULTS/$1-daemon.log" || true; }
+# cpu_ticks NAME: the daemon's utime + stime so far, in clock ticks (not its PgBouncer's).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/${daemon_pid[$1]}/stat"; }
+# pgb_ticks NAME: the same for the PgBouncer that daemon supervises (its child).
+pgb_ticks() { awk '{ print $14 + $15 }' "/proc/$(pgrep -P "${daemon_pid[$1]}" | head -n 1)/stat"; }
+metrics() { curl -s --max-time 5 "http://127.0.0.1:${http[$1]}/metrics" >"$2" || : >"$2"; }
+
+# Same state before every run, whichever set-up: history emptied, small tables vacuumed.
+reset_db() {
+    standin_sql -d appdb -c "TRUNCATE pgbench_history" \
+        -c "VACUUM pgbench_branches, pgbench_tellers, pgbench_history" >/dev/null
+}
+
+say "warm-up: 5 s per set-up (server connections opened, not counted)"
+for setup in "${setups[@]}"; do
+    pgbench -n -S -c "$CLIENTS" -j "$JOBS" -T 5 -h 127.0.0.1 -p "${port[$setup]}" -U app_user appdb \
+        >"$RESULTS/warmup-$setup.log" 2>&1
+done
+metrics passthrough "$RESULTS/passthrough-metrics-start.txt"
+
+TSV=$RESULTS/runs.tsv
+printf 'round\tworkload\tsetup\ttps\tlatency_ms\tfailed\tprocessed\tconn_ms\treloads\tdaemon_cpu_ms\tpgbouncer_cpu_ms\tload_before\tload_after\texit\n' >"$TSV"
+for ((round = 1; round <= ROUNDS; round++)); do
+    for workload in "${workloads[@]}"; do
+        for setup in "${setups[@]}"; do
+            reset_db
+            out=$RESULTS/r$round-$workload-$setup.log
+            before=$(reloads "$setup")
+            ticks_before=$(cpu_ticks "$setup")
+            pgb_before=$(pgb_ticks "$setup")
+            load_before=$(loadavg)
+            # shellcheck disable=SC2206 # the flags are meant to split
+            cmd=(pgbench -n ${flags[$workload]} -c "$CLIENTS" -j "$JOBS" -T "$DURATION"
+                -h 127.0.0.1 -p "${port[$setup]}" -U app_user appdb)
+            echo "# ${cmd[*]}" >"$out"
+            rc=0
+            "${cmd[@]}" >>"$out" 2>&1 || rc=$?
+            load_after=$(loadavg)
+            after=$(reloads "$setup")
+            cpu_ms=$((($(cpu_ticks "$setup") - ticks_before) * 1000 / $(getconf CLK_TCK)))
+            pgb_ms=$((($(pgb_ticks "$setup") - pgb_before) * 1000 / $(getconf CLK_TCK)))
+            tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
+            latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$out")
+            failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
+            processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+            conn=$(sed -n 's/^average connection time = \([0-9.]*\) ms/\1/p' "$out")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$workload" "$setup" \
+                "${tps:-NA}" "${latency:-NA}" "${failed:-NA}" "${processed:-NA}" "${conn:--}" \
+                "$((after - before))" "$cpu_ms" "$pgb_ms" "$load_before" "$load_after" "$rc" >>"$TSV"
+            say "round $round $workload $setup: tps=${tps:-NA} latency=${latency:-NA} ms failed=${failed:-NA} reloads=$((after - before)) daemon_cpu=${cpu_ms}ms pgbouncer_cpu=${pgb_ms}ms load=$load_after exit=$rc"
+        done
+    done
+done
+metrics passthrough "$RESULTS/passthrough-metrics-end.txt"
+
+# --- summary -------------------------------------------------------------------------------------
+{
+    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} bash scripts/bench/pgbench_passthrough.sh"
+    cat "$RESULTS/machine.txt"
+    echo "pgbench: pgbench -n {-S | (TPC-B) | -S -C} -c $CLIENTS -j $JOBS -T $DURATION -h 127.0.0.1 -p PORT -U app_user appdb (scale $SCALE)"
+    echo "PgBouncer: $("$PGBOUNCER_BIN" --version | head -n 1), pool_mode=transaction default_pool_size=$POOL_SIZE"
+    echo "passthrough: relay_listen = \"$RELAY_LISTEN\", auth_listen = \"$AUTH_LISTEN\""
+    echo "passthrough PgBouncer's [databases]: $(grep -v '^;;\|^\[\|^$' "$RESULTS/passthrough-databases.ini" 2>/dev/null | head -n 3 | tr '\n' ' ')"
+    echo "[pgbouncer] settings that differ (< config mode's rendered ini, > passthrough's):"
+    sed 's/^/    /' "$RESULTS/ini-diff.txt"
+    python3 - "$TSV" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+med = statistics.median
+def num(v):
+    return float(v) if v not in ("NA", "-", "") else None
+print()
+for workload, label in [("select", "select-only (-S)"), ("tpcb", "TPC-B-like (default)"), ("connect", "new connection per transaction (-S -C)")]:
+    print(f"== {label}")
+    by = {s: [r for r in rows if r["workload"] == workload and r["setup"] == s] for s in ("config", "passthrough")}
+    for s in ("config", "passthrough"):
+        rs = by[s]
+        tps = [num(r["tps"]) for r in rs]
+        lat = [num(r["latency_ms"]) for r in rs]
+        failed = sum(int(r["failed"]) for r in rs if r["failed"] != "NA")
+        missing = sum(1 for r in rs if r["failed"] == "NA" or r["exit"] != "0")
+        print(f"  {s:11} tps per round: {', '.join(f'{t:.0f}' for t in tps if t is not None)}")
+        print(f"  {s:11} latency per round (ms): {', '.join(f'{l:.3f}' for l in lat if l is not None)}")
+        print(f"  {s:11} median tps {med([t for t in tps if t is not None]):.1f}, median latency {med([l for l in lat if l is not None]):.3f} ms, "
+              f"failed transactions {failed}, runs with an error {missing}, RELOADs during these runs {sum(int(r['reloads']) for r in rs)}")
+        cpu = [int(r["daemon_cpu_ms"]) for r in rs]
+        per_tx = [c * 1000 / int(r["processed"]) for c, r in zip(cpu, rs) if r["processed"] not in ("NA", "0")]
+        print(f"  {s:11} daemon CPU per run (ms): {', '.join(str(c) for c in cpu)}; per transaction median {med(per_tx):.1f} us")
+        pgb = [int(r["pgbouncer_cpu_ms"]) for r in rs]
+        pgb_tx = [c * 1000 / int(r["processed"]) for c, r in zip(pgb, rs) if r["processed"] not in ("NA", "0")]
+        print(f"  {s:11} PgBouncer CPU per run (ms): {', '.join(str(c) for c in pgb)}; per transaction median {med(pgb_tx):.1f} us")
+        conn = [num(r["conn_ms"]) for r in rs if num(r["conn_ms"]) is not None]
+        if conn:
+            print(f"  {s:11} average connection time per round (ms): {', '.join(f'{c:.3f}' for c in conn)}; median {med(conn):.3f} ms")
+    a = [num(r["tps"]) for r in by["config"]]
+    b = [num(r["tps"]) for r in by["passthrough"]]
+    paired = [y / x for x, y in zip(a, b) if x and y]
+    print(f"  ratio passthrough/config of median tps: {med([y for y in b if y]) / med([x for x in a if x]):.3f}; "
+          f"paired per-round ratios: {', '.join(f'{p:.3f}' for p in paired)} (median {med(paired):.3f})")
+    la = [num(r["latency_ms"]) for r in by["config"]]
+    lb = [num(r["latency_ms"]) for r in by["passthrough"]]
+    diffs = [(y - x) * 1000 for x, y in zip(la, lb) if x is not None and y is not None]
+    print(f"  added latency passthrough - config: {(med([y for y in lb if y is not None]) - med([x for x in la if x is not None])) * 1000:.0f} us "
+          f"(difference of medians); paired per round (us): {', '.join(f'{d:.0f}' for d in diffs)} (median {med(diffs):.0f} us)")
+loads = [num(r["load_after"]) for r in rows]
+print(f"\nload average (1 min) after each run: median {med(loads):.2f}, min {min(loads):.2f}, max {max(loads):.2f}")
+EOF
+    echo "RELOADs in the whole daemon logs: config $(reloads config), passthrough $(reloads passthrough)"
+    echo "server connections for appdb/app_user opened by each PgBouncer ('new connection to server' lines): config $(grep -c 'appdb/app_user@.* new connection to server' "$RESULTS/config-daemon.log" || true), passthrough $(grep -c 'appdb/app_user@.* new connection to server' "$RESULTS/passthrough-daemon.log" || true)"
+    echo "server logins checked by the stand-in's verifier (both set-ups): $(grep -c '"accepted": true' "$STANDIN_DIR/verifier.log" || true) accepted, $(grep -c '"accepted": false' "$STANDIN_DIR/verifier.log" || true) refused"
+    echo "'login failed' / 'PAM authentication failed' / relay refusal lines in the daemons' and stand-in's logs: $(cat "$RESULTS/config-daemon.log" "$RESULTS/passthrough-daemon.log" "$RESULTS/standin.log" | grep -c 'login failed\|PAM authentication failed\|refused the login' || true)"
+    echo "passthrough daemon's counters after warm-up -> after the last round (auth_query answers: one per client login):"
+    join <(grep -v '^#' "$RESULTS/passthrough-metrics-start.txt" | grep '_total\|_count' | sort) \
+        <(grep -v '^#' "$RESULTS/passthrough-metrics-end.txt" | grep '_total\|_count' | sort) | sed 's/^/    /' || true
+} | tee "$RESULTS/summary.txt"
+say "raw outputs in $RESULTS"
