@@ -6,32 +6,14 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::credentials_server::CredentialServer;
-use support::daemon::{BINARY, Daemon};
+use support::daemon::{BINARY, Daemon, database_flags};
 use support::{Standin, free_port, test_dir, wait_until};
 use tokio_postgres::NoTls;
 
 fn base_args(standin: &Standin, listen_port: u16, lifetime: u64) -> Vec<String> {
-    [
-        "--supervise",
-        "--host",
-        standin.host(),
-        "--port",
-        &standin.port().to_string(),
-        "--dbname",
-        "appdb",
-        "--user",
-        "app_user",
-        "--region",
-        standin.region(),
-        "--listen",
-        &format!("127.0.0.1:{listen_port}"),
-        "--server-ca-file",
-        standin.ca_path().to_str().unwrap(),
-        "--token-lifetime",
-        &lifetime.to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    let mut args = vec!["--supervise".to_owned()];
+    args.extend(database_flags(standin, listen_port, lifetime));
+    args
 }
 
 fn status(daemon: &Daemon, path: &str) -> u16 {

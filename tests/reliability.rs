@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::client::{Tally, connect, kill_idle_backends, scalar};
 use support::credentials_server::CredentialServer;
-use support::daemon::Daemon;
+use support::daemon::{Daemon, database_flags};
 use support::{PgBouncer, Standin, free_port, test_dir, wait_until, write_file};
 
 /// A config-mode daemon for `app_user` with `lifetime`-second tokens, pooling transactions
@@ -28,28 +28,8 @@ fn args(
         "[pgbouncer]\npool_mode = \"transaction\"\nserver_check_delay = 0\n",
         0o644,
     );
-    let mut args: Vec<String> = [
-        "--config",
-        config.to_str().unwrap(),
-        "--host",
-        standin.host(),
-        "--port",
-        &standin.port().to_string(),
-        "--dbname",
-        "appdb",
-        "--user",
-        "app_user",
-        "--region",
-        standin.region(),
-        "--listen",
-        &format!("127.0.0.1:{listen_port}"),
-        "--server-ca-file",
-        standin.ca_path().to_str().unwrap(),
-        "--token-lifetime",
-        &lifetime.to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    let mut args = vec!["--config".to_owned(), config.display().to_string()];
+    args.extend(database_flags(standin, listen_port, lifetime));
     args.extend(extra.iter().map(|arg| arg.to_string()));
     args
 }

@@ -35,6 +35,31 @@ pub fn command(creds: Option<&Creds>) -> Command {
     cmd
 }
 
+/// Flags for one database on the stand-in, `app_user` forced, PgBouncer on
+/// `127.0.0.1:listen_port`, `lifetime`-second tokens: the old sidecar's shape.
+pub fn database_flags(standin: &Standin, listen_port: u16, lifetime: u64) -> Vec<String> {
+    [
+        "--host",
+        standin.host(),
+        "--port",
+        &standin.port().to_string(),
+        "--dbname",
+        "appdb",
+        "--user",
+        "app_user",
+        "--region",
+        standin.region(),
+        "--listen",
+        &format!("127.0.0.1:{listen_port}"),
+        "--server-ca-file",
+        standin.ca_path().to_str().unwrap(),
+        "--token-lifetime",
+        &lifetime.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// `aws-pgbouncer run` as the unprivileged runner, its output in `work/daemon.log`.
 pub struct Daemon {
     guard: ChildGuard,
