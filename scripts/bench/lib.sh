@@ -4,7 +4,7 @@
 #
 # Sets: REPO TESTBED PG_BINDIR PGBOUNCER_BIN WORK RESULTS as_user
 # Gives: say, free_port, start_bg, stop_all (the EXIT trap), start_standin, daemon_binary,
-#        loadavg, wait_http_200
+#        loadavg, wait_http_200, start_aws (a supervising daemon for one stand-in database)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TESTBED=${AWS_PGBOUNCER_TESTBED:-/opt/aws-pgbouncer-testbed}
@@ -133,4 +133,49 @@ wait_http_200() {
 machine_line() {
     printf 'machine: %s cores, %s, load average at start %s\n' "$(nproc)" \
         "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+# Daemons started by start_aws, by name: PgBouncer's port, the HTTP port, the directory and
+# the daemon's pid.
+declare -A bench_port bench_http bench_dir bench_daemon_pid
+# start_aws NAME TOP_LINES DATABASE_LINES: writes NAME.toml (TOP_LINES before the common
+# settings, DATABASE_LINES in the one [[databases]] entry) and starts a supervising daemon on
+# it, PgBouncer on ${bench_port[NAME]}, pooling transactions with $POOL_SIZE server connections.
+start_aws() {
+    local name=$1
+    bench_port[$name]=$(free_port)
+    bench_http[$name]=$(free_port)
+    bench_dir[$name]=$WORK/$name/pgbouncer
+    mkdir "$WORK/$name"
+    cat >"$WORK/$name.toml" <<EOF
+$2
+pgbouncer_dir = "${bench_dir[$name]}"
+listen = "127.0.0.1:${bench_port[$name]}"
+token_lifetime = ${LIFETIME:-900}
+server_ca_file = "$STANDIN_DIR/ca.crt"
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = $STANDIN_PORT
+dbname = "appdb"
+$3
+region = "us-east-1"
+
+[pgbouncer]
+pool_mode = "transaction"
+default_pool_size = $POOL_SIZE
+max_client_conn = 200
+EOF
+    cp "$WORK/$name.toml" "$RESULTS/$name.toml"
+    [ ${#as_user[@]} -eq 0 ] || chown -R postgres: "$WORK/$name" "$WORK/$name.toml"
+    start_bg "$RESULTS/$name-daemon.log" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run \
+        --config "$WORK/$name.toml" --supervise --pgbouncer-bin "$PGBOUNCER_BIN" \
+        --http-listen "127.0.0.1:${bench_http[$name]}" --max-shutdown-delay 5
+    bench_daemon_pid[$name]=$LAST_PID # setpriv and env exec: this is the daemon itself
+    wait_http_200 "http://127.0.0.1:${bench_http[$name]}/startupz" \
+        || { cat "$RESULTS/$name-daemon.log" >&2; say "$name daemon did not start"; exit 1; }
+    cp "${bench_dir[$name]}/pgbouncer.ini" "$RESULTS/$name-pgbouncer.ini"
+    cp "${bench_dir[$name]}/databases.ini" "$RESULTS/$name-databases.ini" 2>/dev/null || true
+    say "$name: aws-pgbouncer started; its PgBouncer listens on 127.0.0.1:${bench_port[$name]}"
 }

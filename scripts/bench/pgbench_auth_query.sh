@@ -139,60 +139,24 @@ printf '"bench_auth" "%s"\n' "$BENCH_AUTH_SECRET" >"$WORK/pg/userlist.txt"
 start_pgbouncer pg "$WORK/pg" "$PG_PORT"
 
 # --- aws_unix and aws_tcp: aws-pgbouncer supervising PgBouncer -------------------------------
-declare -A port http dir
-# start_aws NAME AUTH_LISTEN
-start_aws() {
-    local name=$1
-    port[$name]=$(free_port)
-    http[$name]=$(free_port)
-    dir[$name]=$WORK/$name/pgbouncer
-    mkdir "$WORK/$name"
-    cat >"$WORK/$name.toml" <<EOF
-mode = "auth-query"
-pgbouncer_dir = "${dir[$name]}"
-listen = "127.0.0.1:${port[$name]}"
-auth_listen = "$2"
-server_ca_file = "$STANDIN_DIR/ca.crt"
-
-[[databases]]
-name = "appdb"
-host = "localhost"
-port = $STANDIN_PORT
-dbname = "appdb"
-users = ["app_user"]
-region = "us-east-1"
-
-[pgbouncer]
-pool_mode = "transaction"
-default_pool_size = $POOL_SIZE
-max_client_conn = 200
-EOF
-    [ ${#as_user[@]} -eq 0 ] || chown -R postgres: "$WORK/$name" "$WORK/$name.toml"
-    start_bg "$RESULTS/$name-daemon.log" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run \
-        --config "$WORK/$name.toml" --supervise --pgbouncer-bin "$PGBOUNCER_BIN" \
-        --http-listen "127.0.0.1:${http[$name]}" --max-shutdown-delay 5
-    wait_http_200 "http://127.0.0.1:${http[$name]}/startupz" \
-        || { cat "$RESULTS/$name-daemon.log" >&2; say "$name daemon did not start"; exit 1; }
-    cp "${dir[$name]}/pgbouncer.ini" "$RESULTS/$name-pgbouncer.ini"
-    cp "${dir[$name]}/databases.ini" "$RESULTS/$name-databases.ini"
-    say "$name: aws-pgbouncer (auth_listen $2) started; its PgBouncer listens on 127.0.0.1:${port[$name]}"
-}
 setups=(static static_iam pg aws_unix)
-port[static]=$STATIC_PORT
-port[static_iam]=$STATIC_PORT
-port[pg]=$PG_PORT
-start_aws aws_unix unix
+bench_port[static]=$STATIC_PORT
+bench_port[static_iam]=$STATIC_PORT
+bench_port[pg]=$PG_PORT
+start_aws aws_unix 'mode = "auth-query"
+auth_listen = "unix"' 'users = ["app_user"]'
 AWS_TCP_AUTH_PORT=
 if [ "$TCP_VARIANT" = 1 ]; then
     AWS_TCP_AUTH_PORT=$(free_port)
-    start_aws aws_tcp "127.0.0.1:$AWS_TCP_AUTH_PORT"
+    start_aws aws_tcp "mode = \"auth-query\"
+auth_listen = \"127.0.0.1:$AWS_TCP_AUTH_PORT\"" 'users = ["app_user"]'
     setups+=(aws_tcp)
 fi
 declare -A user=([static]=password_user [static_iam]=app_user [pg]=password_user [aws_unix]=app_user [aws_tcp]=app_user)
 
 # Evidence that the [pgbouncer] sections differ only where they must.
 section() { sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort; }
-diff <(section "${dir[aws_unix]}/pgbouncer.ini") <(section "$WORK/pg/pgbouncer.ini") \
+diff <(section "${bench_dir[aws_unix]}/pgbouncer.ini") <(section "$WORK/pg/pgbouncer.ini") \
     >"$RESULTS/ini-diff-aws_unix-pg.txt" || true
 diff <(section "$WORK/static/pgbouncer.ini") <(section "$WORK/pg/pgbouncer.ini") \
     >"$RESULTS/ini-diff-static-pg.txt" || true
@@ -203,7 +167,7 @@ cp "$WORK/pg/pgbouncer.ini" "$RESULTS/pg-pgbouncer.ini"
 printf 'SELECT 1;\n' >"$WORK/select1.sql"
 chmod 0644 "$WORK/select1.sql"
 metrics() { # metrics NAME FILE: the daemon's /metrics, or nothing for set-ups without one
-    if [ -n "${http[$1]:-}" ]; then curl -s --max-time 5 "http://127.0.0.1:${http[$1]}/metrics" >"$2"; else : >"$2"; fi
+    if [ -n "${bench_http[$1]:-}" ]; then curl -s --max-time 5 "http://127.0.0.1:${bench_http[$1]}/metrics" >"$2"; else : >"$2"; fi
 }
 server_logins() { grep -c 'connection authorized: user=\(password_user\|app_user\)' "$RESULTS/standin.log" || true; }
 auth_logins() { grep -c 'connection authorized: user=bench_auth' "$RESULTS/standin.log" || true; }
@@ -211,7 +175,7 @@ auth_logins() { grep -c 'connection authorized: user=bench_auth' "$RESULTS/stand
 say "warm-up: 5 s per set-up (server connections opened, not counted)"
 for setup in "${setups[@]}"; do
     pgbench -n -C -f "$WORK/select1.sql" -c "$CLIENTS" -j "$JOBS" -T 5 -h 127.0.0.1 \
-        -p "${port[$setup]}" -U "${user[$setup]}" appdb >"$RESULTS/warmup-$setup.log" 2>&1
+        -p "${bench_port[$setup]}" -U "${user[$setup]}" appdb >"$RESULTS/warmup-$setup.log" 2>&1
 done
 
 TSV=$RESULTS/runs.tsv
@@ -224,7 +188,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         auth_before=$(auth_logins)
         load_before=$(loadavg)
         cmd=(pgbench -n -C -f "$WORK/select1.sql" -c "$CLIENTS" -j "$JOBS" -T "$DURATION"
-            -h 127.0.0.1 -p "${port[$setup]}" -U "${user[$setup]}" appdb)
+            -h 127.0.0.1 -p "${bench_port[$setup]}" -U "${user[$setup]}" appdb)
         echo "# ${cmd[*]}" >"$out"
         rc=0
         "${cmd[@]}" >>"$out" 2>&1 || rc=$?
@@ -250,10 +214,10 @@ done
 direct() {
     local args
     case $1 in
-    aws_unix) args=(--host "${dir[aws_unix]}" --port 6433 --password-file "${dir[aws_unix]}/auth-secret"
+    aws_unix) args=(--host "${bench_dir[aws_unix]}" --port 6433 --password-file "${bench_dir[aws_unix]}/auth-secret"
         --user aws_pgbouncer_auth --dbname appdb --query "$AUTH_QUERY_AWS" --lookup app_user) ;;
-    aws_tcp) args=(--host 127.0.0.1 --port "$AWS_TCP_AUTH_PORT" --tls-ca "${dir[aws_tcp]}/endpoint-ca.pem"
-        --password-file "${dir[aws_tcp]}/auth-secret" --user aws_pgbouncer_auth --dbname appdb
+    aws_tcp) args=(--host 127.0.0.1 --port "$AWS_TCP_AUTH_PORT" --tls-ca "${bench_dir[aws_tcp]}/endpoint-ca.pem"
+        --password-file "${bench_dir[aws_tcp]}/auth-secret" --user aws_pgbouncer_auth --dbname appdb
         --query "$AUTH_QUERY_AWS" --lookup app_user) ;;
     pg) args=(--host "$STANDIN_DIR" --port "$STANDIN_PORT" --password-file "$WORK/bench-auth-secret"
         --user bench_auth --dbname appdb --query "$AUTH_QUERY_PG" --lookup password_user) ;;
@@ -262,7 +226,7 @@ direct() {
         --connections "$DIRECT_CONNECTIONS" --duration "$DIRECT_DURATION"
 }
 # The unix socket's port: "unix" means the default, 6433, in the directory.
-[ -S "${dir[aws_unix]}/.s.PGSQL.6433" ] || { ls -la "${dir[aws_unix]}" >&2; say "no endpoint socket"; exit 1; }
+[ -S "${bench_dir[aws_unix]}/.s.PGSQL.6433" ] || { ls -la "${bench_dir[aws_unix]}" >&2; say "no endpoint socket"; exit 1; }
 direct_setups=(pg aws_unix)
 [ "$TCP_VARIANT" = 1 ] && direct_setups+=(aws_tcp)
 DTSV=$RESULTS/direct.tsv

@@ -35,35 +35,9 @@ standin_sql -d appdb -c \
     "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app_user, password_user"
 
 # --- A: aws-pgbouncer supervising PgBouncer -------------------------------------------------
-A_PORT=$(free_port)
-A_HTTP=$(free_port)
-mkdir "$WORK/a"
-cat >"$WORK/a.toml" <<EOF
-pgbouncer_dir = "$WORK/a/pgbouncer"
-listen = "127.0.0.1:$A_PORT"
-token_lifetime = $LIFETIME
-server_ca_file = "$STANDIN_DIR/ca.crt"
-
-[[databases]]
-name = "appdb"
-host = "localhost"
-port = $STANDIN_PORT
-dbname = "appdb"
-user = "app_user"
-region = "us-east-1"
-
-[pgbouncer]
-pool_mode = "transaction"
-default_pool_size = $POOL_SIZE
-max_client_conn = 200
-EOF
-[ ${#as_user[@]} -eq 0 ] || chown -R postgres: "$WORK/a" "$WORK/a.toml"
-DAEMON_LOG=$RESULTS/daemon.log
-start_bg "$DAEMON_LOG" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run --config "$WORK/a.toml" \
-    --supervise --pgbouncer-bin "$PGBOUNCER_BIN" --http-listen "127.0.0.1:$A_HTTP" \
-    --max-shutdown-delay 5
-wait_http_200 "http://127.0.0.1:$A_HTTP/startupz" || { cat "$DAEMON_LOG" >&2; say "daemon did not start"; exit 1; }
-say "aws-pgbouncer started; its PgBouncer listens on 127.0.0.1:$A_PORT (token lifetime $LIFETIME s)"
+start_aws aws "" 'user = "app_user"'
+A_PORT=${bench_port[aws]}
+DAEMON_LOG=$RESULTS/aws-daemon.log
 
 # --- B: the same PgBouncer on a hand-written config with a static password ------------------
 B_PORT=$(free_port)
@@ -102,7 +76,7 @@ say "static PgBouncer listens on 127.0.0.1:$B_PORT"
 
 # Evidence that the two [pgbouncer] sections differ only where they must.
 section() { sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort; }
-diff <(section "$WORK/a/pgbouncer/pgbouncer.ini") <(section "$WORK/b/pgbouncer.ini") \
+diff <(section "${bench_dir[aws]}/pgbouncer.ini") <(section "$WORK/b/pgbouncer.ini") \
     >"$RESULTS/ini-diff.txt" || true
 
 # --- rounds ------------------------------------------------------------------------------------

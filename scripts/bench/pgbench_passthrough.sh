@@ -46,46 +46,6 @@ standin_sql -d appdb -c \
     "GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app_user"
 
 # --- both set-ups: aws-pgbouncer supervising PgBouncer ------------------------------------------
-declare -A port http dir daemon_pid
-# start_aws NAME MODE_LINES DATABASE_LINES: writes NAME.toml and starts the daemon on it.
-start_aws() {
-    local name=$1
-    port[$name]=$(free_port)
-    http[$name]=$(free_port)
-    dir[$name]=$WORK/$name/pgbouncer
-    mkdir "$WORK/$name"
-    cat >"$WORK/$name.toml" <<EOF
-$2
-pgbouncer_dir = "${dir[$name]}"
-listen = "127.0.0.1:${port[$name]}"
-token_lifetime = $LIFETIME
-server_ca_file = "$STANDIN_DIR/ca.crt"
-
-[[databases]]
-name = "appdb"
-host = "localhost"
-port = $STANDIN_PORT
-dbname = "appdb"
-$3
-region = "us-east-1"
-
-[pgbouncer]
-pool_mode = "transaction"
-default_pool_size = $POOL_SIZE
-max_client_conn = 200
-EOF
-    cp "$WORK/$name.toml" "$RESULTS/$name.toml"
-    [ ${#as_user[@]} -eq 0 ] || chown -R postgres: "$WORK/$name" "$WORK/$name.toml"
-    start_bg "$RESULTS/$name-daemon.log" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run \
-        --config "$WORK/$name.toml" --supervise --pgbouncer-bin "$PGBOUNCER_BIN" \
-        --http-listen "127.0.0.1:${http[$name]}" --max-shutdown-delay 5
-    daemon_pid[$name]=$LAST_PID # setpriv and env exec: this is the daemon itself
-    wait_http_200 "http://127.0.0.1:${http[$name]}/startupz" \
-        || { cat "$RESULTS/$name-daemon.log" >&2; say "$name daemon did not start"; exit 1; }
-    cp "${dir[$name]}/pgbouncer.ini" "$RESULTS/$name-pgbouncer.ini"
-    cp "${dir[$name]}/databases.ini" "$RESULTS/$name-databases.ini" 2>/dev/null || true
-    say "$name: aws-pgbouncer started; its PgBouncer listens on 127.0.0.1:${port[$name]}"
-}
 start_aws config "" 'user = "app_user"'
 start_aws passthrough "mode = \"passthrough\"
 relay_listen = \"$RELAY_LISTEN\"
@@ -95,7 +55,7 @@ setups=(config passthrough)
 # Evidence that the two [pgbouncer] sections differ only where they must, and where the
 # passthrough PgBouncer's server connections go.
 section() { sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort; }
-diff <(section "${dir[config]}/pgbouncer.ini") <(section "${dir[passthrough]}/pgbouncer.ini") \
+diff <(section "${bench_dir[config]}/pgbouncer.ini") <(section "${bench_dir[passthrough]}/pgbouncer.ini") \
     >"$RESULTS/ini-diff.txt" || true
 
 # --- rounds ------------------------------------------------------------------------------------
@@ -103,10 +63,10 @@ declare -A flags=([select]="-S" [tpcb]="" [connect]="-S -C")
 workloads=(select tpcb connect)
 reloads() { grep -c 'PgBouncer reloaded' "$RESULTS/$1-daemon.log" || true; }
 # cpu_ticks NAME: the daemon's utime + stime so far, in clock ticks (not its PgBouncer's).
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/${daemon_pid[$1]}/stat"; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/${bench_daemon_pid[$1]}/stat"; }
 # pgb_ticks NAME: the same for the PgBouncer that daemon supervises (its child).
-pgb_ticks() { awk '{ print $14 + $15 }' "/proc/$(pgrep -P "${daemon_pid[$1]}" | head -n 1)/stat"; }
-metrics() { curl -s --max-time 5 "http://127.0.0.1:${http[$1]}/metrics" >"$2" || : >"$2"; }
+pgb_ticks() { awk '{ print $14 + $15 }' "/proc/$(pgrep -P "${bench_daemon_pid[$1]}" | head -n 1)/stat"; }
+metrics() { curl -s --max-time 5 "http://127.0.0.1:${bench_http[$1]}/metrics" >"$2" || : >"$2"; }
 
 # Same state before every run, whichever set-up: history emptied, small tables vacuumed.
 reset_db() {
@@ -116,7 +76,7 @@ reset_db() {
 
 say "warm-up: 5 s per set-up (server connections opened, not counted)"
 for setup in "${setups[@]}"; do
-    pgbench -n -S -c "$CLIENTS" -j "$JOBS" -T 5 -h 127.0.0.1 -p "${port[$setup]}" -U app_user appdb \
+    pgbench -n -S -c "$CLIENTS" -j "$JOBS" -T 5 -h 127.0.0.1 -p "${bench_port[$setup]}" -U app_user appdb \
         >"$RESULTS/warmup-$setup.log" 2>&1
 done
 metrics passthrough "$RESULTS/passthrough-metrics-start.txt"
@@ -134,7 +94,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             load_before=$(loadavg)
             # shellcheck disable=SC2206 # the flags are meant to split
             cmd=(pgbench -n ${flags[$workload]} -c "$CLIENTS" -j "$JOBS" -T "$DURATION"
-                -h 127.0.0.1 -p "${port[$setup]}" -U app_user appdb)
+                -h 127.0.0.1 -p "${bench_port[$setup]}" -U app_user appdb)
             echo "# ${cmd[*]}" >"$out"
             rc=0
             "${cmd[@]}" >>"$out" 2>&1 || rc=$?
