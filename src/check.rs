@@ -15,11 +15,8 @@ use aws_smithy_types::error::display::DisplayErrorContext;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme};
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::path::Path;
@@ -161,17 +158,7 @@ fn tls_connector(mode: TlsMode, ca_file: Option<&Path>) -> Result<MakeRustlsConn
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let chain = match (mode.verifies_certificate(), ca_file) {
         (true, Some(path)) => {
-            let mut roots = RootCertStore::empty();
-            let certificates = CertificateDer::pem_file_iter(path)
-                .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
-                .map_err(|error| format!("server CA file {}: {error}", path.display()))?;
-            let (added, _ignored) = roots.add_parsable_certificates(certificates);
-            if added == 0 {
-                return Err(format!(
-                    "server CA file {} holds no usable CA certificate",
-                    path.display()
-                ));
-            }
+            let roots = crate::ca_bundle::load(path)?;
             Some(
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
                     .build()

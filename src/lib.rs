@@ -11,6 +11,7 @@
 //! - [`check`] and [`wait`] are the `check` and `wait` commands.
 
 pub mod backoff;
+pub mod ca_bundle;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -46,9 +46,7 @@ use crate::endpoint::listener::serve_with;
 use crate::endpoint::scram::ScramSecret;
 use crate::token::TokenSource;
 use cancel::CancelMap;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 use secrecy::SecretString;
 use std::collections::HashMap;
 use std::fmt;
@@ -126,17 +124,7 @@ impl fmt::Debug for RelayConfig {
 /// TLS that verifies the upstream's certificate chain against the PEM bundle at `ca_file` (the
 /// RDS bundle) and its name against the upstream host, as libpq's `verify-full` does.
 pub fn upstream_tls(ca_file: &Path) -> Result<Arc<ClientConfig>, String> {
-    let certificates = CertificateDer::pem_file_iter(ca_file)
-        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| format!("CA file {}: {error}", ca_file.display()))?;
-    let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(certificates);
-    if added == 0 {
-        return Err(format!(
-            "CA file {} holds no usable CA certificate",
-            ca_file.display()
-        ));
-    }
+    let roots = crate::ca_bundle::load(ca_file)?;
     // An explicit provider: the dependency tree may enable more than one rustls backend, and
     // then the process-wide default is ambiguous.
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -203,7 +191,7 @@ mod tests {
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(RootCertStore::empty())
+        .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
         let config = RelayConfig {
             secret: "hunter2-relay".to_owned().into(),
