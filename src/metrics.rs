@@ -34,6 +34,8 @@ pub type HealthSnapshot = dyn Fn() -> Vec<(TokenKey, KeyHealth)> + Send + Sync;
 pub enum AuthQueryResult {
     /// A token was returned.
     Token,
+    /// The relay's secret was returned (passthrough mode: PgBouncer logs in to the relay).
+    RelaySecret,
     /// The user is not one the daemon serves (zero rows).
     UnknownUser,
     /// No token could be had (for instance the credential source is down).
@@ -41,11 +43,17 @@ pub enum AuthQueryResult {
 }
 
 impl AuthQueryResult {
-    const ALL: [Self; 3] = [Self::Token, Self::UnknownUser, Self::Failed];
+    const ALL: [Self; 4] = [
+        Self::Token,
+        Self::RelaySecret,
+        Self::UnknownUser,
+        Self::Failed,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             AuthQueryResult::Token => "token",
+            AuthQueryResult::RelaySecret => "relay_secret",
             AuthQueryResult::UnknownUser => "unknown_user",
             AuthQueryResult::Failed => "failed",
         }

@@ -29,15 +29,6 @@ fn wait_status(daemon: &Daemon, path: &str, expected: u16, timeout: Duration) {
     );
 }
 
-/// The value of a metric line starting with `prefix` (name and labels).
-fn metric(daemon: &Daemon, prefix: &str) -> Option<f64> {
-    let (_, body) = daemon.http_get("/metrics")?;
-    body.lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 fn wait_command(http_port: u16, timeout_secs: u64) -> std::process::ExitStatus {
     Command::new(BINARY)
         .args([
@@ -94,11 +85,9 @@ fn probes_and_metrics_follow_a_credential_source_that_fails_and_recovers() {
     assert_eq!(status(&daemon, "/startupz"), 200);
     wait_status(&daemon, "/readyz", 200, Duration::from_secs(15));
     assert!(
-        metric(
-            &daemon,
-            "aws_pgbouncer_credentials_expiry_timestamp_seconds"
-        )
-        .unwrap()
+        daemon
+            .metric("aws_pgbouncer_credentials_expiry_timestamp_seconds")
+            .unwrap()
             > 1e9
     );
 
@@ -108,9 +97,7 @@ fn probes_and_metrics_follow_a_credential_source_that_fails_and_recovers() {
     wait_status(&daemon, "/readyz", 503, Duration::from_secs(20));
     assert_eq!(status(&daemon, "/healthz"), 200);
     assert_eq!(status(&daemon, "/startupz"), 200);
-    let failures = metric(
-        &daemon,
-        "aws_pgbouncer_token_refresh_failures_total{database=\"appdb\",user=\"app_user\",host=\"localhost\",cause=\"credentials_provider_error\"}",
+    let failures = daemon.metric("aws_pgbouncer_token_refresh_failures_total{database=\"appdb\",user=\"app_user\",host=\"localhost\",cause=\"credentials_provider_error\"}",
     );
     assert!(
         failures.unwrap_or(0.0) >= 1.0,
@@ -125,13 +112,15 @@ fn probes_and_metrics_follow_a_credential_source_that_fails_and_recovers() {
     // lands in between). Reload attempts count failed ones too.
     let minted_before = daemon.count_in_log("minted a new token");
     let reloaded_before = daemon.count_in_log("PgBouncer reloaded");
-    let refreshes = metric(
-        &daemon,
-        "aws_pgbouncer_token_refreshes_total{database=\"appdb\",user=\"app_user\",host=\"localhost\"}",
+    let refreshes = daemon.metric("aws_pgbouncer_token_refreshes_total{database=\"appdb\",user=\"app_user\",host=\"localhost\"}",
     )
     .unwrap() as usize;
-    let reloads = metric(&daemon, "aws_pgbouncer_pgbouncer_reloads_total").unwrap()
-        - metric(&daemon, "aws_pgbouncer_pgbouncer_reload_failures_total").unwrap();
+    let reloads = daemon
+        .metric("aws_pgbouncer_pgbouncer_reloads_total")
+        .unwrap()
+        - daemon
+            .metric("aws_pgbouncer_pgbouncer_reload_failures_total")
+            .unwrap();
     let minted_after = daemon.count_in_log("minted a new token");
     let reloaded_after = daemon.count_in_log("PgBouncer reloaded");
     assert!(minted_before >= 2);
@@ -143,7 +132,7 @@ fn probes_and_metrics_follow_a_credential_source_that_fails_and_recovers() {
         (reloaded_before..=reloaded_after).contains(&(reloads as usize)),
         "{reloads} successful reloads counted, {reloaded_before} logged"
     );
-    assert!(metric(&daemon, "aws_pgbouncer_build_info").is_some());
+    assert!(daemon.metric("aws_pgbouncer_build_info").is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

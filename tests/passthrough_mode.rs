@@ -104,6 +104,16 @@ async fn three_token_lifetimes_of_new_and_long_lived_clients_for_two_users() {
         assert!(accepted >= 5, "{user}: {accepted} server logins");
     }
     assert!(logins.iter().all(|entry| entry["accepted"] == true));
+    // PgBouncer's auth_query got the relay secret, never a token.
+    let answered = |result: &str| {
+        daemon
+            .metric(&format!(
+                "aws_pgbouncer_auth_query_requests_total{{result=\"{result}\"}}"
+            ))
+            .unwrap()
+    };
+    assert!(answered("relay_secret") >= 2.0);
+    assert_eq!(answered("token"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -350,7 +350,7 @@ impl TokenLookup for SourceLookup {
         }
         if let Answer::RelaySecret(secret) = &self.answer {
             self.metrics
-                .auth_query_answered(AuthQueryResult::Token, started.elapsed());
+                .auth_query_answered(AuthQueryResult::RelaySecret, started.elapsed());
             return Lookup::Token(secret.clone());
         }
         match self.source.token(&entry.key_for(user)).await {

@@ -161,6 +161,15 @@ impl Daemon {
         Some((status, body))
     }
 
+    /// The value of the first `/metrics` line starting with `prefix` (name and labels).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse().ok())
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
