@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{PgBouncer, Standin, free_port, psql, test_dir, write_file};
+use support::{PgBouncer, Standin, free_port, psql, test_dir, wait_until, write_file};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
@@ -183,6 +183,35 @@ async fn through_pgbouncer(port: u16, user: &str) -> Client {
     client
 }
 
+/// The timer kind (`tr` in /proc/net/tcp) of each of this process's established TCP
+/// connections to `port`, i.e. the relay's upstream connections. 2 means keepalive: an idle
+/// connection has that timer armed only when SO_KEEPALIVE is on.
+fn timers_of_connections_to(port: u16) -> Vec<String> {
+    let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut timers = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap().lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields[2].rsplit(':').next().unwrap();
+            let established = fields[3] == "01";
+            if established
+                && u16::from_str_radix(remote_port, 16) == Ok(port)
+                && ours.contains(fields[9])
+            {
+                timers.push(fields[5].split(':').next().unwrap().to_owned());
+            }
+        }
+    }
+    timers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_logs_in_through_the_relay_across_token_lifetimes_and_cancels() {
     let standin = Standin::start();
@@ -216,6 +245,16 @@ async fn pgbouncer_logs_in_through_the_relay_across_token_lifetimes_and_cancels(
     };
     assert_eq!(logins(&standin, "app_user"), 1);
     assert_eq!(logins(&standin, "reporter"), 1);
+    // Both upstream connections idle in PgBouncer's pool with keepalive on, as PgBouncer's
+    // own server connections would (tcp_keepalive = 1): a vanished RDS shows up even there.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let timers = timers_of_connections_to(standin.port());
+            timers.len() == 2 && timers.iter().all(|kind| kind == "02")
+        }),
+        "timer kinds of the upstream connections: {:?}",
+        timers_of_connections_to(standin.port())
+    );
 
     // A client that stays connected across more than one token lifetime, whose server
     // connection is killed now and then: PgBouncer logs in again each time, through the

@@ -23,6 +23,11 @@ pub(super) async fn connect(
         .await
         .map_err(|e| format!("could not connect to {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    // PgBouncer turns keepalive on for its server connections (tcp_keepalive = 1, the OS's
+    // timings); in this mode its server connections end at the relay, so the relay does the
+    // same for the real ones, or an RDS that vanished (a failover) would leave idle pooled
+    // connections half-open until their next use.
+    let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
     tcp.write_all(&SSL_REQUEST)
         .await
         .map_err(|e| format!("could not send the SSL request to {addr}: {e}"))?;
