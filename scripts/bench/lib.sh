@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the variables set here are used by the scripts that source it
 #
-# Sets: REPO TESTBED PG_BINDIR PGBOUNCER_BIN WORK RESULTS as_user
+# Sets: REPO TESTBED PG_BINDIR PGBOUNCER_BIN WORK RESULTS as_user world_cpus pod_cpus
 # Gives: say, free_port, start_bg, stop_all (the EXIT trap), start_standin, daemon_binary,
 #        loadavg, wait_http_200, start_aws (a supervising daemon for one stand-in database)
 
@@ -35,6 +35,12 @@ if [ "$(id -u)" -eq 0 ]; then
     chown postgres: "$WORK"
     as_user=(setpriv --reuid=postgres --regid=postgres --init-groups --)
 fi
+
+# Command prefixes that pin the database side (stand-in, pgbench) and the pod side (daemons and
+# their PgBouncers) to CPUs; empty, i.e. all CPUs shared, unless a script sets them before
+# starting anything.
+world_cpus=()
+pod_cpus=()
 
 # Every background process this script starts, in start order. Stopped in reverse order:
 # PgBouncers and daemons first, the stand-in (fast shutdown) last.
@@ -78,7 +84,7 @@ start_standin() {
     STANDIN_PORT=$(free_port)
     STANDIN_DIR=$WORK/standin
     bash "$REPO/scripts/standin" init "$STANDIN_DIR" "$STANDIN_PORT" >/dev/null
-    start_bg "$RESULTS/standin.log" bash "$REPO/scripts/standin" run "$STANDIN_DIR"
+    start_bg "$RESULTS/standin.log" "${world_cpus[@]}" bash "$REPO/scripts/standin" run "$STANDIN_DIR"
     STANDIN_PID=$LAST_PID
     local tries=0
     until pg_isready -q -h 127.0.0.1 -p "$STANDIN_PORT"; do
@@ -169,10 +175,10 @@ max_client_conn = 200
 EOF
     cp "$WORK/$name.toml" "$RESULTS/$name.toml"
     [ ${#as_user[@]} -eq 0 ] || chown -R postgres: "$WORK/$name" "$WORK/$name.toml"
-    start_bg "$RESULTS/$name-daemon.log" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run \
+    start_bg "$RESULTS/$name-daemon.log" "${pod_cpus[@]}" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run \
         --config "$WORK/$name.toml" --supervise --pgbouncer-bin "$PGBOUNCER_BIN" \
         --http-listen "127.0.0.1:${bench_http[$name]}" --max-shutdown-delay 5
-    bench_daemon_pid[$name]=$LAST_PID # setpriv and env exec: this is the daemon itself
+    bench_daemon_pid[$name]=$LAST_PID # taskset, setpriv and env exec: this is the daemon itself
     wait_http_200 "http://127.0.0.1:${bench_http[$name]}/startupz" \
         || { cat "$RESULTS/$name-daemon.log" >&2; say "$name daemon did not start"; exit 1; }
     cp "${bench_dir[$name]}/pgbouncer.ini" "$RESULTS/$name-pgbouncer.ini"

@@ -19,6 +19,9 @@
 #   BENCH_SCALE [8]   BENCH_POOL_SIZE [8]  BENCH_TOKEN_LIFETIME [30] s
 #   BENCH_RELAY_LISTEN [unix]  BENCH_AUTH_LISTEN [unix]  passthrough's relay_listen and
 #                     auth_listen; "tcp" picks a free loopback port for either
+#   BENCH_SPLIT_CPUS [0]  1: the stand-in and pgbench on CPU 0, the daemons and their
+#                     PgBouncers on the other CPUs, as in production, where the database and
+#                     the application do not share the pod's CPUs; 0: all share all CPUs
 #   BENCH_RESULTS     where raw outputs and summary.txt go [target/bench-results/...]
 #   AWS_PGBOUNCER_BIN use this binary instead of building the release one
 set -euo pipefail
@@ -31,8 +34,18 @@ POOL_SIZE=${BENCH_POOL_SIZE:-8}
 LIFETIME=${BENCH_TOKEN_LIFETIME:-30}
 RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix}
 AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix}
+SPLIT_CPUS=${BENCH_SPLIT_CPUS:-0}
 # shellcheck source=scripts/bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+case $SPLIT_CPUS in
+0) ;;
+1)
+    [ "$(nproc)" -ge 2 ] || { say "BENCH_SPLIT_CPUS=1 needs at least 2 CPUs"; exit 1; }
+    world_cpus=(taskset -c 0)
+    pod_cpus=(taskset -c "1-$(($(nproc) - 1))")
+    ;;
+*) say "BENCH_SPLIT_CPUS must be 0 or 1, not $SPLIT_CPUS"; exit 1 ;;
+esac
 [ "$RELAY_LISTEN" != tcp ] || RELAY_LISTEN=127.0.0.1:$(free_port)
 [ "$AUTH_LISTEN" != tcp ] || AUTH_LISTEN=127.0.0.1:$(free_port)
 
@@ -76,7 +89,7 @@ reset_db() {
 
 say "warm-up: 5 s per set-up (server connections opened, not counted)"
 for setup in "${setups[@]}"; do
-    pgbench -n -S -c "$CLIENTS" -j "$JOBS" -T 5 -h 127.0.0.1 -p "${bench_port[$setup]}" -U app_user appdb \
+    "${world_cpus[@]}" pgbench -n -S -c "$CLIENTS" -j "$JOBS" -T 5 -h 127.0.0.1 -p "${bench_port[$setup]}" -U app_user appdb \
         >"$RESULTS/warmup-$setup.log" 2>&1
 done
 metrics passthrough "$RESULTS/passthrough-metrics-start.txt"
@@ -93,7 +106,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             pgb_before=$(pgb_ticks "$setup")
             load_before=$(loadavg)
             # shellcheck disable=SC2206 # the flags are meant to split
-            cmd=(pgbench -n ${flags[$workload]} -c "$CLIENTS" -j "$JOBS" -T "$DURATION"
+            cmd=("${world_cpus[@]}" pgbench -n ${flags[$workload]} -c "$CLIENTS" -j "$JOBS" -T "$DURATION"
                 -h 127.0.0.1 -p "${bench_port[$setup]}" -U app_user appdb)
             echo "# ${cmd[*]}" >"$out"
             rc=0
@@ -118,11 +131,12 @@ metrics passthrough "$RESULTS/passthrough-metrics-end.txt"
 
 # --- summary -------------------------------------------------------------------------------------
 {
-    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} bash scripts/bench/pgbench_passthrough.sh"
+    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS bash scripts/bench/pgbench_passthrough.sh"
     cat "$RESULTS/machine.txt"
     echo "pgbench: pgbench -n {-S | (TPC-B) | -S -C} -c $CLIENTS -j $JOBS -T $DURATION -h 127.0.0.1 -p PORT -U app_user appdb (scale $SCALE)"
     echo "PgBouncer: $("$PGBOUNCER_BIN" --version | head -n 1), pool_mode=transaction default_pool_size=$POOL_SIZE"
     echo "passthrough: relay_listen = \"$RELAY_LISTEN\", auth_listen = \"$AUTH_LISTEN\""
+    echo "CPUs: stand-in and pgbench ${world_cpus[*]:-on all}; daemons and PgBouncers ${pod_cpus[*]:-on all}"
     echo "passthrough PgBouncer's [databases]: $(grep -v '^;;\|^\[\|^$' "$RESULTS/passthrough-databases.ini" 2>/dev/null | head -n 3 | tr '\n' ' ')"
     echo "[pgbouncer] settings that differ (< config mode's rendered ini, > passthrough's):"
     sed 's/^/    /' "$RESULTS/ini-diff.txt"
