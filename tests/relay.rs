@@ -487,7 +487,8 @@ async fn refusals_say_why() {
 }
 
 /// The relay's fuzz entry point in plain `cargo test`: hand-made seeds for both sides of
-/// the login, then seeded random mutations of them. cargo-fuzz explores further.
+/// the login and the kept cargo-fuzz corpus, then seeded random mutations of the seeds.
+/// cargo-fuzz explores further (see `fuzz/`).
 #[test]
 fn fuzz_entry_point_survives_mutated_logins() {
     use bytes::{BufMut, BytesMut};
@@ -539,6 +540,15 @@ fn fuzz_entry_point_survives_mutated_logins() {
     }
     for seed in &seeds {
         relay::fuzzing::fuzz_relay(seed);
+    }
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/relay");
+    let kept: Vec<Vec<u8>> = std::fs::read_dir(corpus)
+        .unwrap()
+        .map(|entry| std::fs::read(entry.unwrap().path()).unwrap())
+        .collect();
+    assert!(kept.len() >= 10, "the corpus is there");
+    for input in &kept {
+        relay::fuzzing::fuzz_relay(input);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     for round in 0..300 {
