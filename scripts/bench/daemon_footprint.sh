@@ -139,8 +139,9 @@ wait "$bench_pid" || bench_rc=$?
 ticks_after=$(cpu_ticks "$load_pid")
 load_hwm=$(hwm_kib "$load_pid")
 reloads_after=$(grep -c 'PgBouncer reloaded' "$RESULTS/load.log" || true)
-load_tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$RESULTS/load-pgbench.log")
-load_failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$RESULTS/load-pgbench.log")
+pgbench_figures "$RESULTS/load-pgbench.log"
+load_tps=$tps
+load_failed=$failed
 load_avg_now=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- summary -----------------------------------------------------------------------------------

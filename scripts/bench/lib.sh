@@ -3,8 +3,9 @@
 # shellcheck disable=SC2034 # the variables set here are used by the scripts that source it
 #
 # Sets: REPO TESTBED PG_BINDIR PGBOUNCER_BIN WORK RESULTS as_user world_cpus pod_cpus
-# Gives: say, free_port, start_bg, stop_all (the EXIT trap), start_standin, daemon_binary,
-#        loadavg, wait_http_200, start_aws (a supervising daemon for one stand-in database)
+# Gives: say, free_port, start_bg, stop_all (the EXIT trap), start_standin, standin_sql,
+#        reset_pgbench_tables, pgbench_figures, pgbouncer_section, daemon_binary, loadavg,
+#        wait_http_200, start_aws (a supervising daemon for one stand-in database)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TESTBED=${AWS_PGBOUNCER_TESTBED:-/opt/aws-pgbouncer-testbed}
@@ -97,6 +98,29 @@ start_standin() {
 # standin_sql SQL...: runs SQL as the stand-in's superuser over its unix socket.
 standin_sql() {
     psql -X -q -A -t -v ON_ERROR_STOP=1 -h "$STANDIN_DIR" -p "$STANDIN_PORT" -U standin_admin "$@"
+}
+
+# reset_pgbench_tables: the same state before every pgbench run, whichever set-up: history
+# emptied, small tables vacuumed.
+reset_pgbench_tables() {
+    standin_sql -d appdb -c "TRUNCATE pgbench_history" \
+        -c "VACUUM pgbench_branches, pgbench_tellers, pgbench_history" >/dev/null
+}
+
+# pgbench_figures LOG: sets tps latency conn failed processed from pgbench's output (empty
+# where the line is missing, e.g. conn without -C or everything after a failed run).
+pgbench_figures() {
+    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$1")
+    latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$1")
+    conn=$(sed -n 's/^average connection time = \([0-9.]*\) ms/\1/p' "$1")
+    failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$1")
+    processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$1")
+}
+
+# pgbouncer_section INI: the [pgbouncer] settings of a PgBouncer config, sorted, comments
+# and includes left out, for diffing two set-ups' configs.
+pgbouncer_section() {
+    sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort
 }
 
 # daemon_binary: builds the release binary and copies it into $WORK, so that a rebuild by

@@ -155,10 +155,9 @@ fi
 declare -A user=([static]=password_user [static_iam]=app_user [pg]=password_user [aws_unix]=app_user [aws_tcp]=app_user)
 
 # Evidence that the [pgbouncer] sections differ only where they must.
-section() { sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort; }
-diff <(section "${bench_dir[aws_unix]}/pgbouncer.ini") <(section "$WORK/pg/pgbouncer.ini") \
+diff <(pgbouncer_section "${bench_dir[aws_unix]}/pgbouncer.ini") <(pgbouncer_section "$WORK/pg/pgbouncer.ini") \
     >"$RESULTS/ini-diff-aws_unix-pg.txt" || true
-diff <(section "$WORK/static/pgbouncer.ini") <(section "$WORK/pg/pgbouncer.ini") \
+diff <(pgbouncer_section "$WORK/static/pgbouncer.ini") <(pgbouncer_section "$WORK/pg/pgbouncer.ini") \
     >"$RESULTS/ini-diff-static-pg.txt" || true
 cp "$WORK/static/pgbouncer.ini" "$RESULTS/static-pgbouncer.ini"
 cp "$WORK/pg/pgbouncer.ini" "$RESULTS/pg-pgbouncer.ini"
@@ -197,11 +196,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
         sleep 0.2 # the stand-in's log lines of the last logins
         logins=$(($(server_logins) - logins_before))
         auth=$(($(auth_logins) - auth_before))
-        tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
-        latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$out")
-        conn=$(sed -n 's/^average connection time = \([0-9.]*\) ms/\1/p' "$out")
-        failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
-        processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+        pgbench_figures "$out"
         printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "${tps:-NA}" \
             "${latency:-NA}" "${conn:-NA}" "${failed:-NA}" "${processed:-NA}" "$logins" "$auth" \
             "$load_before" "$load_after" "$rc" >>"$TSV"

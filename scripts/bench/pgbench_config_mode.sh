@@ -75,8 +75,7 @@ done
 say "static PgBouncer listens on 127.0.0.1:$B_PORT"
 
 # Evidence that the two [pgbouncer] sections differ only where they must.
-section() { sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort; }
-diff <(section "${bench_dir[aws]}/pgbouncer.ini") <(section "$WORK/b/pgbouncer.ini") \
+diff <(pgbouncer_section "${bench_dir[aws]}/pgbouncer.ini") <(pgbouncer_section "$WORK/b/pgbouncer.ini") \
     >"$RESULTS/ini-diff.txt" || true
 
 # --- rounds ------------------------------------------------------------------------------------
@@ -84,12 +83,6 @@ declare -A flags=([select]="-S" [tpcb]="" [connect]="-S -C")
 workloads=(select tpcb connect)
 port_of() { if [ "$1" = aws ]; then echo "$A_PORT"; else echo "$B_PORT"; fi; }
 reloads() { grep -c 'PgBouncer reloaded' "$DAEMON_LOG" || true; }
-
-# Same state before every run, whichever set-up: history emptied, small tables vacuumed.
-reset_db() {
-    standin_sql -d appdb -c "TRUNCATE pgbench_history" \
-        -c "VACUUM pgbench_branches, pgbench_tellers, pgbench_history" >/dev/null
-}
 
 say "warm-up: 5 s per set-up (server connections opened, not counted)"
 for setup in aws static; do
@@ -102,7 +95,7 @@ printf 'round\tworkload\tsetup\ttps\tlatency_ms\tfailed\tprocessed\tconn_ms\trel
 for ((round = 1; round <= ROUNDS; round++)); do
     for workload in "${workloads[@]}"; do
         for setup in aws static; do
-            reset_db
+            reset_pgbench_tables
             out=$RESULTS/r$round-$workload-$setup.log
             before=$(reloads)
             load_before=$(loadavg)
@@ -114,11 +107,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             "${cmd[@]}" >>"$out" 2>&1 || rc=$?
             load_after=$(loadavg)
             after=$(reloads)
-            tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
-            latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$out")
-            failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
-            processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
-            conn=$(sed -n 's/^average connection time = \([0-9.]*\) ms/\1/p' "$out")
+            pgbench_figures "$out"
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$workload" "$setup" \
                 "${tps:-NA}" "${latency:-NA}" "${failed:-NA}" "${processed:-NA}" "${conn:--}" \
                 "$((after - before))" "$load_before" "$load_after" "$rc" >>"$TSV"

@@ -67,8 +67,7 @@ setups=(config passthrough)
 
 # Evidence that the two [pgbouncer] sections differ only where they must, and where the
 # passthrough PgBouncer's server connections go.
-section() { sed -n '/^\[pgbouncer\]/,/^\[databases\]\|^%include/p' "$1" | grep -v '^;;\|^\[\|^%\|^$' | sort; }
-diff <(section "${bench_dir[config]}/pgbouncer.ini") <(section "${bench_dir[passthrough]}/pgbouncer.ini") \
+diff <(pgbouncer_section "${bench_dir[config]}/pgbouncer.ini") <(pgbouncer_section "${bench_dir[passthrough]}/pgbouncer.ini") \
     >"$RESULTS/ini-diff.txt" || true
 
 # --- rounds ------------------------------------------------------------------------------------
@@ -80,12 +79,6 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/${bench_daemon_pid[$1]}/stat"; }
 # pgb_ticks NAME: the same for the PgBouncer that daemon supervises (its child).
 pgb_ticks() { awk '{ print $14 + $15 }' "/proc/$(pgrep -P "${bench_daemon_pid[$1]}" | head -n 1)/stat"; }
 metrics() { curl -s --max-time 5 "http://127.0.0.1:${bench_http[$1]}/metrics" >"$2" || : >"$2"; }
-
-# Same state before every run, whichever set-up: history emptied, small tables vacuumed.
-reset_db() {
-    standin_sql -d appdb -c "TRUNCATE pgbench_history" \
-        -c "VACUUM pgbench_branches, pgbench_tellers, pgbench_history" >/dev/null
-}
 
 say "warm-up: 5 s per set-up (server connections opened, not counted)"
 for setup in "${setups[@]}"; do
@@ -99,7 +92,7 @@ printf 'round\tworkload\tsetup\ttps\tlatency_ms\tfailed\tprocessed\tconn_ms\trel
 for ((round = 1; round <= ROUNDS; round++)); do
     for workload in "${workloads[@]}"; do
         for setup in "${setups[@]}"; do
-            reset_db
+            reset_pgbench_tables
             out=$RESULTS/r$round-$workload-$setup.log
             before=$(reloads "$setup")
             ticks_before=$(cpu_ticks "$setup")
@@ -115,11 +108,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             after=$(reloads "$setup")
             cpu_ms=$((($(cpu_ticks "$setup") - ticks_before) * 1000 / $(getconf CLK_TCK)))
             pgb_ms=$((($(pgb_ticks "$setup") - pgb_before) * 1000 / $(getconf CLK_TCK)))
-            tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out")
-            latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$out")
-            failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")
-            processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
-            conn=$(sed -n 's/^average connection time = \([0-9.]*\) ms/\1/p' "$out")
+            pgbench_figures "$out"
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$workload" "$setup" \
                 "${tps:-NA}" "${latency:-NA}" "${failed:-NA}" "${processed:-NA}" "${conn:--}" \
                 "$((after - before))" "$cpu_ms" "$pgb_ms" "$load_before" "$load_after" "$rc" >>"$TSV"
