@@ -189,12 +189,7 @@ users = ["app_user", "reporter"]
     stop.store(true, Ordering::Relaxed);
     while attackers.join_next().await.is_some() {}
 
-    assert!(
-        tally.failures().is_empty(),
-        "{:#?}\n{}",
-        tally.failures(),
-        daemon.log()
-    );
+    tally.assert_no_failures(&daemon.log());
     assert!(tally.ok() >= 50, "only {} logins", tally.ok());
     assert!(refused_passwords.load(Ordering::Relaxed) >= 10);
     assert_eq!(

@@ -84,12 +84,7 @@ async fn three_token_lifetimes_of_new_and_long_lived_clients_for_two_users() {
     for task in tasks {
         task.await.unwrap();
     }
-    assert!(
-        tally.failures().is_empty(),
-        "{:#?}\n{}",
-        tally.failures(),
-        daemon.log()
-    );
+    tally.assert_no_failures(&daemon.log());
     assert!(
         tally.ok() > 150 && kills >= 10,
         "{} queries, {kills} kills",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::client::{Tally, connect, kill_idle_backends, scalar};
 use support::credentials_server::CredentialServer;
 use support::daemon::{Daemon, database_flags};
-use support::{PgBouncer, Standin, free_port, test_dir, wait_until, write_file};
+use support::{Creds, PgBouncer, Standin, free_port, test_dir, wait_until, write_file};
 
 /// A config-mode daemon for `app_user` with `lifetime`-second tokens, pooling transactions
 /// (so that killing idle server connections never hits a client's session).
@@ -32,6 +32,27 @@ fn args(
     args.extend(database_flags(standin, listen_port, lifetime));
     args.extend(extra.iter().map(|arg| arg.to_string()));
     args
+}
+
+/// Starts a daemon that supervises its own PgBouncer (`args` plus `--supervise` and
+/// `extra`), and waits until PgBouncer has its first tokens.
+fn start_supervised(
+    standin: &Standin,
+    work: &Path,
+    listen_port: u16,
+    lifetime: u64,
+    creds: Option<&Creds>,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> Daemon {
+    let extra = [&["--supervise"], extra].concat();
+    let args = args(standin, work, listen_port, lifetime, &extra);
+    let mut daemon = Daemon::start_with_env(work, creds, env, &as_strs(&args));
+    daemon.wait_for_log(
+        "started: PgBouncer has the first tokens",
+        Duration::from_secs(30),
+    );
+    daemon
 }
 
 fn as_strs(args: &[String]) -> Vec<&str> {
@@ -98,16 +119,14 @@ async fn credentials_rotating_every_few_seconds_under_traffic() {
         CredentialServer::start(&standin, Duration::from_secs(4), Duration::from_secs(8), 30);
     let work = test_dir("rotation");
     let listen_port = free_port();
-    let extra = ["--supervise", "--server-tls-mode", "verify-full"];
-    let mut daemon = Daemon::start_with_env(
+    let daemon = start_supervised(
+        &standin,
         work.path(),
+        listen_port,
+        20,
         None,
         &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &server.uri())],
-        &as_strs(&args(&standin, work.path(), listen_port, 20, &extra)),
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
+        &["--server-tls-mode", "verify-full"],
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -117,12 +136,7 @@ async fn credentials_rotating_every_few_seconds_under_traffic() {
     stop.store(true, Ordering::Relaxed);
     task.await.unwrap();
 
-    assert!(
-        tally.failures().is_empty(),
-        "{:#?}\n{}",
-        tally.failures(),
-        daemon.log()
-    );
+    tally.assert_no_failures(&daemon.log());
     assert!(tally.ok() > 50);
     let accepted_keys: std::collections::BTreeSet<String> = standin
         .verifier_log()
@@ -157,21 +171,14 @@ async fn a_credential_outage_longer_than_a_refresh_then_recovery() {
     );
     let work = test_dir("outage");
     let listen_port = free_port();
-    let mut daemon = Daemon::start_with_env(
+    let daemon = start_supervised(
+        &standin,
         work.path(),
+        listen_port,
+        10,
         None,
         &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &server.uri())],
-        &as_strs(&args(
-            &standin,
-            work.path(),
-            listen_port,
-            10,
-            &["--supervise"],
-        )),
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
+        &[],
     );
 
     server.set_failing(true);
@@ -333,20 +340,14 @@ async fn survives_a_write_failure(
     let work = test_dir("write-failure");
     prepare(&work.path().join("pgbouncer"));
     let listen_port = free_port();
-    let mut daemon = Daemon::start(
+    let daemon = start_supervised(
+        &standin,
         work.path(),
-        &standin.static_creds(),
-        &as_strs(&args(
-            &standin,
-            work.path(),
-            listen_port,
-            10,
-            &["--supervise"],
-        )),
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
+        listen_port,
+        10,
+        Some(&standin.static_creds()),
+        &[],
+        &[],
     );
     let dir = daemon.pgbouncer_dir.clone();
     let before = std::fs::read_to_string(dir.join("databases.ini")).unwrap();
@@ -458,20 +459,14 @@ async fn the_database_restarts_and_fresh_logins_succeed() {
     let mut standin = Standin::start();
     let work = test_dir("failover");
     let listen_port = free_port();
-    let mut daemon = Daemon::start(
+    let daemon = start_supervised(
+        &standin,
         work.path(),
-        &standin.static_creds(),
-        &as_strs(&args(
-            &standin,
-            work.path(),
-            listen_port,
-            20,
-            &["--supervise"],
-        )),
-    );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
+        listen_port,
+        20,
+        Some(&standin.static_creds()),
+        &[],
+        &[],
     );
     fresh_login_query(&standin, listen_port).await.unwrap();
     standin.restart();

@@ -83,4 +83,10 @@ impl Tally {
     pub fn failures(&self) -> Vec<String> {
         self.failures.lock().unwrap().clone()
     }
+
+    /// Panics with every failure and `log` (the daemon's, for context) if any query failed.
+    pub fn assert_no_failures(&self, log: &str) {
+        let failures = self.failures();
+        assert!(failures.is_empty(), "{failures:#?}\n{log}");
+    }
 }
