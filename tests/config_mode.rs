@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use support::client::{Tally, connect, kill_idle_backends, scalar};
+use support::client::{KillGate, Tally, connect, scalar};
 use support::daemon::Daemon;
 use support::{Standin, free_port, test_dir};
 
@@ -84,13 +84,15 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
+    let gate = Arc::new(KillGate::default());
     let mut tasks = Vec::new();
 
     // New client connections all the time.
     {
-        let (stop, tally) = (stop.clone(), tally.clone());
+        let (stop, tally, gate) = (stop.clone(), tally.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                let pass = gate.pass().await;
                 let outcome = async {
                     let client = connect(listen_port, "app_user", "appdb").await?;
                     let user = scalar(&client, "SELECT current_user").await?;
@@ -100,6 +102,7 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
                 }
                 .await;
                 tally.record(outcome);
+                drop(pass);
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }));
@@ -107,10 +110,12 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
     // One long-lived client querying every few seconds.
     let long_lived = connect(listen_port, "app_user", "appdb").await.unwrap();
     {
-        let (stop, tally) = (stop.clone(), tally.clone());
+        let (stop, tally, gate) = (stop.clone(), tally.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
+                let pass = gate.pass().await;
                 tally.record(scalar(&long_lived, "SELECT 1").await.map(drop));
+                drop(pass);
                 tokio::time::sleep(Duration::from_secs(3)).await;
             }
         }));
@@ -129,7 +134,7 @@ async fn tokens_rotate_under_traffic_without_a_single_failure() {
         // Every ~5 s, kill app_user's idle server connections so PgBouncer must log in again.
         if started.elapsed().as_secs() / 5 > kills {
             kills += 1;
-            kill_idle_backends(&standin, "app_user");
+            gate.kill_idle_backends(&standin, &["app_user"]).await;
         }
     }
     let same_backend = scalar(&session, "SELECT pg_backend_pid()").await.unwrap();

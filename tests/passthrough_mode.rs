@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use support::client::{Tally, connect, describe, kill_idle_backends, scalar};
+use support::client::{KillGate, Tally, connect, describe, scalar};
 use support::daemon::Daemon;
 use support::{Standin, free_port, test_dir};
 
@@ -52,14 +52,16 @@ async fn three_token_lifetimes_of_new_and_long_lived_clients_for_two_users() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
+    let gate = Arc::new(KillGate::default());
     let mut tasks = Vec::new();
     for user in ["app_user", "reporter"] {
-        let (stop, tally) = (stop.clone(), tally.clone());
+        let (stop, tally, gate) = (stop.clone(), tally.clone(), gate.clone());
         let long_lived = connect(listen_port, user, "appdb").await.unwrap();
         tasks.push(tokio::spawn(async move {
             let mut round = 0;
             while !stop.load(Ordering::Relaxed) {
                 round += 1;
+                let pass = gate.pass().await;
                 let fresh = async {
                     let client = connect(listen_port, user, "appdb").await?;
                     let current = scalar(&client, "SELECT current_user").await?;
@@ -69,6 +71,7 @@ async fn three_token_lifetimes_of_new_and_long_lived_clients_for_two_users() {
                 if round % 5 == 0 {
                     tally.record(scalar(&long_lived, "SELECT 1").await.map(drop));
                 }
+                drop(pass);
                 tokio::time::sleep(Duration::from_millis(400)).await;
             }
         }));
@@ -77,8 +80,9 @@ async fn three_token_lifetimes_of_new_and_long_lived_clients_for_two_users() {
     let mut kills = 0;
     while started.elapsed() < Duration::from_secs(64) {
         tokio::time::sleep(Duration::from_secs(4)).await;
-        kills +=
-            kill_idle_backends(&standin, "app_user") + kill_idle_backends(&standin, "reporter");
+        kills += gate
+            .kill_idle_backends(&standin, &["app_user", "reporter"])
+            .await;
     }
     stop.store(true, Ordering::Relaxed);
     for task in tasks {

@@ -160,9 +160,10 @@ async fn credentials_rotating_every_few_seconds_under_traffic() {
 async fn a_credential_outage_longer_than_a_refresh_then_recovery() {
     let standin = Arc::new(Standin::start());
     // Credentials live 30 s, a new set every 20 s; the outage starts once the daemon is up
-    // (about 2 s) and ends after readiness has failed (past 30 s); tokens live 10 s. The daemon refetches credentials once they have less than a token's
-    // life left (from 20 s on, at the first refresh after that: by about 27 s), fails, and
-    // signs with the ones it holds until they are spent (30 s).
+    // (about 2 s) and ends after readiness has failed (past 30 s); tokens live 10 s. The
+    // daemon refetches credentials once they have less than a token's life left (from 20 s
+    // on, at the first refresh after that: by about 27 s), fails, and signs with the ones it
+    // holds until they are spent (30 s).
     let server = CredentialServer::start(
         &standin,
         Duration::from_secs(20),

@@ -49,14 +49,43 @@ pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> Result<String
 
 /// Kills `user`'s idle server connections on the stand-in, so PgBouncer must log in again;
 /// returns how many. Busy ones are spared: killing a query in flight is not a login test.
+/// Returns once the backends have exited, so their sockets are closed by then.
 pub fn kill_idle_backends(standin: &Standin, user: &str) -> usize {
     standin
         .psql_admin(&format!(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE usename = '{user}' AND state = 'idle'"
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) \
+             FROM pg_stat_activity WHERE usename = '{user}' AND state = 'idle'"
         ))
         .parse()
         .expect("a count")
+}
+
+/// Makes a test's traffic and its server-connection kills take turns.
+///
+/// "Idle" in pg_stat_activity is a snapshot: PgBouncer can hand that server connection to a
+/// client between the snapshot and the kill, and the client's query then dies with
+/// "terminating connection due to administrator command". That says nothing about logins,
+/// which is what the kills are for, so traffic pauses while a kill is under way.
+#[derive(Default)]
+pub struct KillGate(tokio::sync::RwLock<()>);
+
+impl KillGate {
+    /// Held by one round of traffic; kills wait for it.
+    pub async fn pass(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.0.read().await
+    }
+
+    /// `kill_idle_backends` for each of `users` with the traffic paused, and a moment
+    /// afterwards for PgBouncer to read the closed sockets before it hands one out.
+    pub async fn kill_idle_backends(&self, standin: &Standin, users: &[&str]) -> usize {
+        let _paused = self.0.write().await;
+        let killed = users
+            .iter()
+            .map(|user| kill_idle_backends(standin, user))
+            .sum();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        killed
+    }
 }
 
 /// Successes and failures seen by traffic generators, with what failed.
