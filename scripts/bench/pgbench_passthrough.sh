@@ -19,9 +19,10 @@
 #   BENCH_SCALE [8]   BENCH_POOL_SIZE [8]  BENCH_TOKEN_LIFETIME [30] s
 #   BENCH_RELAY_LISTEN [unix]  BENCH_AUTH_LISTEN [unix]  passthrough's relay_listen and
 #                     auth_listen; "tcp" picks a free loopback port for either
-#   BENCH_SPLIT_CPUS [0]  1: the stand-in and pgbench on CPU 0, the daemons and their
-#                     PgBouncers on the other CPUs, as in production, where the database and
-#                     the application do not share the pod's CPUs; 0: all share all CPUs
+#   BENCH_SPLIT_CPUS [1 with 2 or more CPUs]  1: the stand-in and pgbench on CPU 0, the
+#                     daemons and their PgBouncers on the other CPUs, as in production, where
+#                     RDS and the application do not share the pod's CPUs; 0: all share all
+#                     CPUs, so the relay's CPU and wake-ups also slow the database down
 #   BENCH_RESULTS     where raw outputs and summary.txt go [target/bench-results/...]
 #   AWS_PGBOUNCER_BIN use this binary instead of building the release one
 set -euo pipefail
@@ -34,7 +35,7 @@ POOL_SIZE=${BENCH_POOL_SIZE:-8}
 LIFETIME=${BENCH_TOKEN_LIFETIME:-30}
 RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix}
 AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix}
-SPLIT_CPUS=${BENCH_SPLIT_CPUS:-0}
+SPLIT_CPUS=${BENCH_SPLIT_CPUS:-$(($(nproc) >= 2))}
 # shellcheck source=scripts/bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 case $SPLIT_CPUS in
