@@ -4,7 +4,7 @@
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
-use aws_pgbouncer::token::{CredentialCache, TokenKey, TokenSource, mint};
+use aws_pgbouncer::token::{CredentialCache, Presenter, TokenKey, TokenSource, mint};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime};
@@ -74,7 +74,11 @@ fn bench_cache_hit(c: &mut Criterion) {
             None,
             "bench",
         ));
-        let source = TokenSource::new(CredentialCache::new(provider, lifetime), lifetime);
+        let source = TokenSource::new(
+            CredentialCache::new(provider, lifetime),
+            lifetime,
+            Presenter::PgBouncer,
+        );
         source.token(&key).await.expect("the first token is minted");
         source
     });

@@ -59,12 +59,14 @@ async fn print_token(args: TokenArgs) -> Result<(), String> {
         user: args.user,
         region,
     };
+    // Printed tokens usually end up in a PgBouncer file, so they get PgBouncer's limit.
     let minted = token::mint(
         &credentials,
         &key,
         SystemTime::now(),
         Duration::from_secs(args.expires_in),
     )
+    .and_then(|minted| token::check_pgbouncer_limit(&minted, &credentials).map(|()| minted))
     .map_err(|error| error.to_string())?;
     println!("{}", minted.expose());
     Ok(())

@@ -3,15 +3,15 @@
 
 mod support;
 
+use aws_pgbouncer::token::MAX_TOKEN_BYTES;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::client::{KillGate, Tally, connect, describe, scalar};
-use support::daemon::Daemon;
-use support::{Standin, free_port, test_dir};
+use support::daemon::{Daemon, database_flags};
+use support::{Creds, Standin, free_port, test_dir, wait_until};
 
-fn start(standin: &Standin, work: &std::path::Path, listen_port: u16) -> Daemon {
-    let settings = r#"
+const SETTINGS: &str = r#"
 mode = "passthrough"
 token_lifetime = 20
 relay_listen = "unix"
@@ -28,7 +28,9 @@ port = {standin_port}
 dbname = "appdb"
 users = ["app_user", "reporter"]
 "#;
-    Daemon::start_supervised(work, standin, listen_port, settings)
+
+fn start(standin: &Standin, work: &std::path::Path, listen_port: u16) -> Daemon {
+    Daemon::start_supervised(work, standin, listen_port, SETTINGS)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,4 +167,74 @@ async fn users_off_the_allow_list_are_refused() {
             "{user}: {refused}"
         );
     }
+}
+
+/// A long session token (role chaining, a large session policy, many session tags) makes
+/// tokens longer than PgBouncer's 2047-byte password limit. Config and auth-query modes must
+/// refuse them; the relay hands tokens to RDS itself, so passthrough mode serves those users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_over_pgbouncers_limit_log_in_through_the_relay_and_nowhere_else() {
+    let standin = Standin::start();
+    let creds = Creds::new(
+        "ASIALONGSESSION00001",
+        "long-session-secret",
+        Some(&format!("long-session-token-{}", "L".repeat(1800))),
+    );
+    standin.set_key_entry(
+        &creds.akid,
+        serde_json::json!({"secret": creds.secret, "session_token": creds.session_token}),
+    );
+
+    let work = test_dir("passthrough-long-token");
+    let listen_port = free_port();
+    let daemon =
+        Daemon::start_supervised_with(work.path(), &standin, &creds, listen_port, SETTINGS);
+    let client = connect(listen_port, "app_user", "appdb").await.unwrap();
+    assert_eq!(
+        scalar(&client, "SELECT current_user").await,
+        Ok("app_user".to_owned()),
+        "{}",
+        daemon.log()
+    );
+    let login = standin
+        .verifier_log()
+        .into_iter()
+        .find(|entry| entry["akid"] == creds.akid.as_str())
+        .expect("the relay's login reached the verifier");
+    assert_eq!(login["accepted"], true, "{login}");
+    let length = login["length"].as_u64().unwrap();
+    assert!(
+        length > MAX_TOKEN_BYTES as u64,
+        "the token was {length} bytes"
+    );
+
+    // Config mode with the same credentials: no token for PgBouncer, and a log line that
+    // says why and where to go.
+    let work = test_dir("config-long-token");
+    let config_mode = Daemon::start(
+        work.path(),
+        &creds,
+        &database_flags(&standin, free_port(), 20)
+            .iter()
+            .map(String::as_str)
+            .chain(["--supervise"])
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || config_mode
+            .log()
+            .contains("over PgBouncer's 2047-byte password limit")),
+        "{}",
+        config_mode.log()
+    );
+    let log = config_mode.log();
+    assert!(log.contains("passthrough mode"), "{log}");
+    assert!(
+        !log.contains("LLLLLLLL") && !log.contains("long-session-secret"),
+        "{log}"
+    );
+    assert_ne!(
+        config_mode.http_get("/readyz").map(|(status, _)| status),
+        Some(200)
+    );
 }

@@ -8,7 +8,7 @@ use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_pgbouncer::endpoint::{self, BoundListener, Listen};
 use aws_pgbouncer::relay::{self, Limits, RelayConfig, Upstream};
-use aws_pgbouncer::token::{CredentialCache, TokenSource};
+use aws_pgbouncer::token::{CredentialCache, Presenter, TokenSource};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +29,7 @@ fn token_source(standin: &Standin, lifetime: Duration) -> Arc<TokenSource> {
     TokenSource::new(
         CredentialCache::new(SharedCredentialsProvider::new(credentials), lifetime),
         lifetime,
+        Presenter::Relay,
     )
 }
 

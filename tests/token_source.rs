@@ -7,7 +7,9 @@
 
 mod support;
 
-use aws_pgbouncer::token::{CredentialCache, FreshToken, TokenKey, TokenSource, default_chain};
+use aws_pgbouncer::token::{
+    CredentialCache, FreshToken, Presenter, TokenKey, TokenSource, default_chain,
+};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,6 +28,7 @@ async fn new_source() -> Arc<TokenSource> {
     TokenSource::new(
         CredentialCache::new(default_chain("us-east-1").await, LIFETIME),
         LIFETIME,
+        Presenter::PgBouncer,
     )
 }
 

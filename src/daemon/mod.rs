@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::pgbouncer::admin::AdminConsole;
 use crate::pgbouncer::files::{load_or_create_secret, prepare_dir};
 use crate::pgbouncer::supervise::Supervised;
-use crate::token::{CredentialCache, TokenSource, default_chain};
+use crate::token::{CredentialCache, Presenter, TokenSource, default_chain};
 use auth_query_mode::AuthQueryMode;
 use config_mode::ConfigMode;
 use reloader::Reloader;
@@ -126,9 +126,14 @@ async fn run_with(
 
     // STS needs a region for web identity; the first database's is as good as any.
     let provider = default_chain(&settings.databases[0].target.region).await;
+    let presenter = match settings.mode {
+        Mode::Config | Mode::AuthQuery => Presenter::PgBouncer,
+        Mode::Passthrough => Presenter::Relay,
+    };
     let source = TokenSource::new(
         CredentialCache::new(provider, settings.token_lifetime),
         settings.token_lifetime,
+        presenter,
     );
     let targets = settings
         .databases

@@ -321,7 +321,7 @@ fn upstream_failed(target: &Upstream, end: End) -> End {
 #[doc(hidden)]
 pub fn fuzz_relay(data: &[u8]) {
     use super::{Limits, RelayConfig};
-    use crate::token::{CredentialCache, TokenSource};
+    use crate::token::{CredentialCache, Presenter, TokenSource};
     use aws_credential_types::Credentials;
     use aws_credential_types::provider::SharedCredentialsProvider;
     use std::sync::OnceLock;
@@ -336,6 +336,7 @@ pub fn fuzz_relay(data: &[u8]) {
         let source = TokenSource::new(
             CredentialCache::new(SharedCredentialsProvider::new(credentials), lifetime),
             lifetime,
+            Presenter::Relay,
         );
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),

@@ -7,8 +7,8 @@ mod source;
 
 pub use credentials::{CredentialCache, default_chain};
 pub use region::{RegionError, resolve_region};
-pub use signer::{MAX_TOKEN_BYTES, MintError, mint};
-pub use source::{FreshToken, KeyHealth, TokenError, TokenSource};
+pub use signer::{MAX_TOKEN_BYTES, MintError, check_pgbouncer_limit, mint};
+pub use source::{FreshToken, KeyHealth, Presenter, TokenError, TokenSource};
 
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;

@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// PgBouncer keeps passwords in a 2048-byte buffer that includes the NUL and truncates longer
 /// ones without a word, so a longer token would fail at RDS with no hint of why.
+/// `check_pgbouncer_limit` applies it; `mint` does not, because the relay hands tokens to RDS
+/// itself and has no such limit.
 pub const MAX_TOKEN_BYTES: usize = 2047;
 
 /// RDS refuses tokens whose X-Amz-Expires is above 15 minutes.
@@ -63,7 +65,8 @@ pub enum MintError {
     InvalidRegion(String),
     #[error(
         "token is {len} bytes, over PgBouncer's {MAX_TOKEN_BYTES}-byte password limit \
-         (PgBouncer would truncate it silently and RDS would refuse the login); {cause}"
+         (PgBouncer would truncate it silently and RDS would refuse the login); {cause}; \
+         passthrough mode, where the daemon hands tokens to RDS itself, has no such limit"
     )]
     TooLong { len: usize, cause: String },
     #[error("SigV4 signing failed")]
@@ -146,10 +149,32 @@ pub fn mint(
         }
     }
 
-    if text.len() > MAX_TOKEN_BYTES {
-        return Err(too_long(text.len(), credentials.session_token()));
-    }
     Ok(AuthToken::new(text, signed_at, signed_at + expires_in))
+}
+
+/// Refuses a token that PgBouncer would truncate, naming the likely cause: `credentials` are
+/// the ones `token` was signed with.
+pub fn check_pgbouncer_limit(
+    token: &AuthToken,
+    credentials: &Credentials,
+) -> Result<(), MintError> {
+    let len = token.expose().len();
+    if len <= MAX_TOKEN_BYTES {
+        return Ok(());
+    }
+    let cause = match credentials.session_token() {
+        Some(session_token) => format!(
+            "the session token alone takes {} bytes of it once percent-encoded; likely cause: \
+             a long session token (many session tags, a large session policy or role chaining)",
+            utf8_percent_encode(session_token, UNRESERVED)
+                .map(str::len)
+                .sum::<usize>()
+        ),
+        None => "likely cause: a very long user or host name (each non-ASCII byte of the user \
+                 name takes 3 bytes once percent-encoded)"
+            .to_owned(),
+    };
+    Err(MintError::TooLong { len, cause })
 }
 
 /// A host that `http::Uri` and Python's `urlsplit` could parse differently (userinfo, brackets,
@@ -178,22 +203,6 @@ fn check_region(region: &str) -> Result<(), MintError> {
     } else {
         Err(MintError::InvalidRegion(region.to_owned()))
     }
-}
-
-fn too_long(len: usize, session_token: Option<&str>) -> MintError {
-    let cause = match session_token {
-        Some(token) => format!(
-            "the session token alone takes {} bytes of it once percent-encoded; likely cause: \
-             a long session token (many session tags, a large session policy or role chaining)",
-            utf8_percent_encode(token, UNRESERVED)
-                .map(str::len)
-                .sum::<usize>()
-        ),
-        None => "likely cause: a very long user or host name (each non-ASCII byte of the user \
-                 name takes 3 bytes once percent-encoded)"
-            .to_owned(),
-    };
-    MintError::TooLong { len, cause }
 }
 
 #[cfg(test)]
@@ -261,18 +270,14 @@ mod tests {
     }
 
     #[test]
-    fn too_long_token_is_refused_and_blames_the_session_token() {
-        let session_token = "A".repeat(2000);
-        let err = mint(
-            &creds(Some(&session_token)),
-            &key(),
-            at(),
-            Duration::from_secs(900),
-        )
-        .unwrap_err();
+    fn too_long_token_is_refused_for_pgbouncer_and_blames_the_session_token() {
+        let credentials = creds(Some(&"A".repeat(2000)));
+        let token = mint(&credentials, &key(), at(), Duration::from_secs(900)).unwrap();
+        let err = check_pgbouncer_limit(&token, &credentials).unwrap_err();
         let MintError::TooLong { len, .. } = err else {
             panic!("expected TooLong, got {err:?}");
         };
+        assert_eq!(len, token.expose().len());
         assert!(len > MAX_TOKEN_BYTES);
         let message = err.to_string();
         assert!(
@@ -282,19 +287,22 @@ mod tests {
         assert!(message.contains("2047-byte"), "{message}");
         assert!(message.contains("long session token"), "{message}");
         assert!(message.contains("2000 bytes"), "{message}");
+        assert!(message.contains("passthrough mode"), "{message}");
     }
 
     #[test]
-    fn token_just_under_the_limit_is_accepted() {
+    fn the_pgbouncer_limit_is_2047_bytes_exactly() {
         let base = mint(&creds(Some("")), &key(), at(), Duration::from_secs(900))
             .unwrap()
             .expose()
             .len();
-        let fits = "A".repeat(MAX_TOKEN_BYTES - base);
-        let token = mint(&creds(Some(&fits)), &key(), at(), Duration::from_secs(900)).unwrap();
+        let fits = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base)));
+        let token = mint(&fits, &key(), at(), Duration::from_secs(900)).unwrap();
         assert_eq!(token.expose().len(), MAX_TOKEN_BYTES);
-        let over = "A".repeat(MAX_TOKEN_BYTES - base + 1);
-        let err = mint(&creds(Some(&over)), &key(), at(), Duration::from_secs(900)).unwrap_err();
+        check_pgbouncer_limit(&token, &fits).unwrap();
+        let over = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base + 1)));
+        let token = mint(&over, &key(), at(), Duration::from_secs(900)).unwrap();
+        let err = check_pgbouncer_limit(&token, &over).unwrap_err();
         assert!(matches!(err, MintError::TooLong { len, .. } if len == MAX_TOKEN_BYTES + 1));
     }
 
@@ -333,9 +341,10 @@ mod tests {
         )
         .unwrap();
         let signature = token.expose().rsplit('=').next().unwrap().to_owned();
+        let long = mint(&c, &key(), at(), Duration::from_secs(900)).unwrap();
         let errors = [
             mint(&c, &key(), at(), Duration::from_secs(901)).unwrap_err(),
-            mint(&c, &key(), at(), Duration::from_secs(900)).unwrap_err(),
+            check_pgbouncer_limit(&long, &c).unwrap_err(),
             mint(
                 &c,
                 &key(),
@@ -348,13 +357,16 @@ mod tests {
             .iter()
             .flat_map(|e| [format!("{e}"), format!("{e:?}"), format!("{e:#?}")])
             .collect();
-        shown.push(format!("{token:?}"));
-        shown.push(format!("{token:#?}"));
+        for shown_token in [&token, &long] {
+            shown.push(format!("{shown_token:?}"));
+            shown.push(format!("{shown_token:#?}"));
+        }
         for text in &shown {
             for secret in [SECRET, "SESSIONTOKEN", "X-Amz-Signature", &signature] {
                 assert!(!text.contains(secret), "{secret:?} leaked in {text}");
             }
             assert!(!text.contains(token.expose()), "token leaked in {text}");
+            assert!(!text.contains(long.expose()), "token leaked in {text}");
         }
     }
 }

@@ -7,7 +7,7 @@
 //! failure is recorded for readiness and metrics, and the refresh is retried with back-off.
 
 use super::credentials::{CredentialCache, minimum_life};
-use super::{AuthToken, MintError, TokenKey, mint};
+use super::{AuthToken, MintError, TokenKey, check_pgbouncer_limit, mint};
 use aws_credential_types::provider::error::CredentialsError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use moka::Expiry;
@@ -23,6 +23,15 @@ use tokio::sync::watch;
 enum Renewal {
     WhenDue,
     Now,
+}
+
+/// Who hands the tokens to RDS, which decides how long they may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Presenter {
+    /// PgBouncer, as a password (config and auth-query modes): at most `MAX_TOKEN_BYTES`.
+    PgBouncer,
+    /// The daemon's relay (passthrough mode): no limit of ours; RDS has the last word.
+    Relay,
 }
 
 /// A token with the times that govern its use.
@@ -113,6 +122,7 @@ impl KeyHealth {
 pub struct TokenSource {
     credentials: CredentialCache,
     lifetime: Duration,
+    presenter: Presenter,
     cache: Cache<TokenKey, Arc<FreshToken>>,
     health: Mutex<HashMap<TokenKey, KeyHealth>>,
     /// Bumped whenever any key gets a new token, so that config mode knows to rewrite.
@@ -121,11 +131,16 @@ pub struct TokenSource {
 
 impl TokenSource {
     /// `lifetime` is the tokens' X-Amz-Expires (1..=900 s; the signer enforces the range).
-    pub fn new(credentials: CredentialCache, lifetime: Duration) -> Arc<Self> {
+    pub fn new(
+        credentials: CredentialCache,
+        lifetime: Duration,
+        presenter: Presenter,
+    ) -> Arc<Self> {
         let cache = Cache::builder().expire_after(UntilStale).build();
         Arc::new(Self {
             credentials,
             lifetime,
+            presenter,
             cache,
             health: Mutex::new(HashMap::new()),
             generation: watch::Sender::new(0),
@@ -204,6 +219,10 @@ impl TokenSource {
     async fn mint_now(&self, key: &TokenKey) -> Result<FreshToken, TokenError> {
         let credentials = self.credentials.get().await?;
         let token = mint(&credentials, key, SystemTime::now(), self.lifetime)
+            .and_then(|token| match self.presenter {
+                Presenter::PgBouncer => check_pgbouncer_limit(&token, &credentials).map(|()| token),
+                Presenter::Relay => Ok(token),
+            })
             .map_err(|error| TokenError::Mint(Arc::new(error)))?;
         let usable_until = credentials
             .expiry()

@@ -80,6 +80,23 @@ impl Daemon {
         listen_port: u16,
         settings: &str,
     ) -> Daemon {
+        Self::start_supervised_with(
+            work,
+            standin,
+            &standin.static_creds(),
+            listen_port,
+            settings,
+        )
+    }
+
+    /// As `start_supervised`, signing with `creds`.
+    pub fn start_supervised_with(
+        work: &Path,
+        standin: &Standin,
+        creds: &Creds,
+        listen_port: u16,
+        settings: &str,
+    ) -> Daemon {
         let config = work.join("aws-pgbouncer.toml");
         let text = format!(
             "listen = \"127.0.0.1:{listen_port}\"\nserver_ca_file = \"{}\"\nregion = \"{}\"\n{}",
@@ -90,7 +107,7 @@ impl Daemon {
         write_file(&config, &text, 0o644);
         let mut daemon = Daemon::start(
             work,
-            &standin.static_creds(),
+            creds,
             &["--supervise", "--config", config.to_str().unwrap()],
         );
         daemon.wait_for_log(
