@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use support::client::{KillGate, Tally, connect, describe, scalar};
 use support::daemon::{Daemon, database_flags};
-use support::{Creds, Standin, free_port, test_dir, wait_until};
+use support::{Creds, Standin, free_port, test_dir};
 
 const SETTINGS: &str = r#"
 mode = "passthrough"
@@ -211,7 +211,7 @@ async fn tokens_over_pgbouncers_limit_log_in_through_the_relay_and_nowhere_else(
     // Config mode with the same credentials: no token for PgBouncer, and a log line that
     // says why and where to go.
     let work = test_dir("config-long-token");
-    let config_mode = Daemon::start(
+    let mut config_mode = Daemon::start(
         work.path(),
         &creds,
         &database_flags(&standin, free_port(), 20)
@@ -220,12 +220,9 @@ async fn tokens_over_pgbouncers_limit_log_in_through_the_relay_and_nowhere_else(
             .chain(["--supervise"])
             .collect::<Vec<_>>(),
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || config_mode
-            .log()
-            .contains("over PgBouncer's 2047-byte password limit")),
-        "{}",
-        config_mode.log()
+    config_mode.wait_for_log(
+        "over PgBouncer's 2047-byte password limit",
+        Duration::from_secs(20),
     );
     let log = config_mode.log();
     assert!(log.contains("passthrough mode"), "{log}");
