@@ -206,10 +206,7 @@ fn the_old_sidecars_variables_still_work() {
             standin.ca_path().to_str().unwrap(),
         ],
     );
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
-    );
+    daemon.wait_until_started();
     let answer = support::psql(
         &format!("host=localhost port={listen_port} dbname=appdb user=app_user"),
         None,

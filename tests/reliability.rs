@@ -48,10 +48,7 @@ fn start_supervised(
     let extra = [&["--supervise"], extra].concat();
     let args = args(standin, work, listen_port, lifetime, &extra);
     let mut daemon = Daemon::start_with_env(work, creds, env, &as_strs(&args));
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
-    );
+    daemon.wait_until_started();
     daemon
 }
 
@@ -247,10 +244,7 @@ async fn pgbouncer_killed_and_restarted_beside_the_daemon() {
     daemon.wait_for_log("wrote PgBouncer's files", Duration::from_secs(30));
     let ini = daemon.pgbouncer_dir.join("pgbouncer.ini");
     let mut pgbouncer = PgBouncer::start(&ini);
-    daemon.wait_for_log(
-        "started: PgBouncer has the first tokens",
-        Duration::from_secs(30),
-    );
+    daemon.wait_until_started();
     fresh_login_query(&standin, listen_port).await.unwrap();
 
     pgbouncer.signal(libc::SIGKILL);

@@ -110,10 +110,7 @@ impl Daemon {
             creds,
             &["--supervise", "--config", config.to_str().unwrap()],
         );
-        daemon.wait_for_log(
-            "started: PgBouncer has the first tokens",
-            Duration::from_secs(30),
-        );
+        daemon.wait_until_started();
         daemon
     }
 
@@ -208,6 +205,14 @@ impl Daemon {
                 self.log()
             );
         }
+    }
+
+    /// Waits until PgBouncer has the first tokens (the daemon's start-up line).
+    pub fn wait_until_started(&mut self) {
+        self.wait_for_log(
+            "started: PgBouncer has the first tokens",
+            Duration::from_secs(30),
+        );
     }
 
     pub fn pid(&self) -> u32 {
