@@ -142,6 +142,16 @@ su_check() { as_root setpriv --reuid=postgres --regid=postgres --init-groups "$@
 su_check "$VENV/bin/python" -c 'import botocore' \
     || { log "the venv's python is not usable by user postgres"; exit 1; }
 
+# ------------------------------------------------------------ a second local uid
+# The "other process in the pod": tests run attacks (port squatting, floods, planted files in
+# a shared directory) as this user, distinct from the one that runs the daemon and PgBouncer.
+INTRUDER=aws-pgbouncer-intruder
+if ! id "$INTRUDER" >/dev/null 2>&1; then
+    log "creating user $INTRUDER"
+    as_root useradd --system --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin "$INTRUDER"
+fi
+
 # -------------------------------------------- RDS stand-in: PAM module + verifier
 install_if_changed() { # mode src dst
     if ! cmp -s "$2" "$3"; then
@@ -188,6 +198,7 @@ pam_module=$SO
 verifier=$TESTBED/bin/verifier.py
 mint=$TESTBED/bin/mint.py
 run_as=postgres
+intruder=$INTRUDER
 EOF
 as_root install -m 0644 "$ready" "$TESTBED/ready"
 rm -f "$ready"

@@ -70,6 +70,9 @@ pub struct Testbed {
     /// The unprivileged user that runs PgBouncer and PostgreSQL when tests run as root;
     /// `None` when tests run unprivileged (then everything runs as the current user).
     pub run_as: Option<RunAs>,
+    /// A second unprivileged user, distinct from `run_as`: the "other local process" that
+    /// attack tests run as. Those tests need root to switch to it and panic without it.
+    intruder: String,
 }
 
 /// An OS user that children run as.
@@ -127,6 +130,7 @@ impl Testbed {
             } else {
                 None
             },
+            intruder: get("intruder"),
             dir,
         };
         for p in [
@@ -159,6 +163,16 @@ impl Testbed {
             }
         }
         tb
+    }
+
+    /// The second local user attack tests run as. Panics unless tests run as root, since
+    /// only root can start a process as another user.
+    pub fn intruder(&self) -> RunAs {
+        assert!(
+            is_root(),
+            "attack tests run processes as a second uid and so need root (CI runs as root)"
+        );
+        lookup_user(&self.intruder)
     }
 
     /// `(uid, gid)` children run as, if tests run as root.
