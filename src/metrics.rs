@@ -83,6 +83,37 @@ impl ConnectionOutcome {
     }
 }
 
+/// Why the relay refused a login before anything reached RDS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayRefusal {
+    /// The peer did not prove it holds the relay secret.
+    Authentication,
+    /// No target has the database name asked for.
+    UnknownDatabase,
+    /// The user is not on that target's allow-list.
+    UserNotAllowed,
+    /// The startup packet carried a parameter PgBouncer never sends to a server.
+    StartupParameter,
+}
+
+impl RelayRefusal {
+    const ALL: [Self; 4] = [
+        Self::Authentication,
+        Self::UnknownDatabase,
+        Self::UserNotAllowed,
+        Self::StartupParameter,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RelayRefusal::Authentication => "authentication",
+            RelayRefusal::UnknownDatabase => "unknown_database",
+            RelayRefusal::UserNotAllowed => "user_not_allowed",
+            RelayRefusal::StartupParameter => "startup_parameter",
+        }
+    }
+}
+
 type OneLabel = [(&'static str, &'static str); 1];
 
 /// Owns the registry. Cloning the metric handles inside is cheap (they are `Arc`s), so the
@@ -97,6 +128,7 @@ pub struct Metrics {
     auth_query_duration: Histogram,
     endpoint_connections: Gauge,
     endpoint_connections_total: Family<OneLabel, Counter>,
+    relay_refusals: Family<OneLabel, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -173,6 +205,15 @@ impl Metrics {
             "Connections to the auth_query endpoint that ended, by outcome",
             endpoint_connections_total.clone(),
         );
+        let relay_refusals = Family::<OneLabel, Counter>::default();
+        for reason in RelayRefusal::ALL {
+            relay_refusals.get_or_create_owned(&[("reason", reason.label())]);
+        }
+        registry.register(
+            "aws_pgbouncer_relay_refusals",
+            "Logins the relay refused before reaching the upstream server, by reason",
+            relay_refusals.clone(),
+        );
         registry.register_collector(Box::new(TokenCollector::new(databases, Box::new(health))));
         Self {
             registry,
@@ -184,6 +225,7 @@ impl Metrics {
             auth_query_duration,
             endpoint_connections,
             endpoint_connections_total,
+            relay_refusals,
         }
     }
 
@@ -218,6 +260,12 @@ impl Metrics {
             ended: self.endpoint_connections_total.clone(),
             outcome: ConnectionOutcome::Failed,
         }
+    }
+
+    pub fn relay_refused(&self, reason: RelayRefusal) {
+        self.relay_refusals
+            .get_or_create(&[("reason", reason.label())])
+            .inc();
     }
 
     /// The whole exposition, ready to serve with [`CONTENT_TYPE`].

@@ -254,6 +254,7 @@ async fn metrics_are_prometheus_text() {
         "aws_pgbouncer_auth_query_duration_seconds",
         "aws_pgbouncer_endpoint_connections",
         "aws_pgbouncer_endpoint_connections_total",
+        "aws_pgbouncer_relay_refusals_total",
     ] {
         assert!(
             typed.iter().any(|t| t == name),

@@ -7,6 +7,7 @@ mod support;
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_pgbouncer::endpoint::{self, BoundListener, Listen};
+use aws_pgbouncer::metrics::Metrics;
 use aws_pgbouncer::relay::{self, Limits, RelayConfig, Upstream};
 use aws_pgbouncer::token::{CredentialCache, Presenter, TokenSource};
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ fn upstream(standin: &Standin, host: &str, port: u16) -> Upstream {
         port,
         region: standin.region().into(),
         database: "appdb".into(),
+        users: vec!["app_user".into(), "reporter".into(), "password_user".into()],
     }
 }
 
@@ -56,6 +58,7 @@ fn config(ca: &Path, targets: Vec<(&str, Upstream)>) -> RelayConfig {
             shutdown_grace: Duration::from_secs(2),
             ..Limits::default()
         },
+        metrics: None,
     }
 }
 
@@ -484,6 +487,101 @@ async fn refusals_say_why() {
         .await
         .unwrap();
     assert_eq!(out.as_deref(), Ok("1"));
+    relay.stop().await;
+}
+
+/// Whoever holds the relay secret gets no more than PgBouncer needs: the allowed users, the
+/// target's database, PgBouncer's own startup parameters. Each refusal carries a SQLSTATE, is
+/// counted, and reaches the stand-in not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_secret_buys_only_what_pgbouncer_needs() {
+    let standin = Standin::start();
+    let mut target = upstream(&standin, standin.host(), standin.port());
+    target.users = vec!["app_user".into()];
+    let metrics = Arc::new(Metrics::new(&[], Vec::new));
+    let mut config = config(&standin.ca_path(), vec![(TARGET, target)]);
+    config.metrics = Some(Arc::clone(&metrics));
+    let relay = Relay::tcp(config, token_source(&standin, Duration::from_secs(900))).await;
+    let refusals = |reason: &str| {
+        let line = format!("aws_pgbouncer_relay_refusals_total{{reason=\"{reason}\"}} ");
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {line} in {}", metrics.encode()))
+    };
+
+    // `reporter` is an IAM user the stand-in would admit, but not on this target's list.
+    let error = relay
+        .connect("reporter", Some(SECRET), TARGET)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{}",
+        explain(&error)
+    );
+    assert_eq!(refusals("user_not_allowed"), "1");
+
+    let error = relay
+        .connect("app_user", Some(SECRET), "appdb")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::INVALID_CATALOG_NAME),
+        "{}",
+        explain(&error)
+    );
+    assert_eq!(refusals("unknown_database"), "1");
+
+    let (error, secret_refused) = {
+        let mut with_options = tokio_postgres::Config::new();
+        with_options
+            .host("127.0.0.1")
+            .port(relay.port)
+            .user("app_user")
+            .password(SECRET)
+            .dbname(TARGET)
+            .options("-c search_path=attacker");
+        (
+            with_options.connect(NoTls).await.err().unwrap(),
+            refusals("authentication"),
+        )
+    };
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::PROTOCOL_VIOLATION),
+        "{}",
+        explain(&error)
+    );
+    assert!(
+        explain(&error).contains("\"options\""),
+        "{}",
+        explain(&error)
+    );
+    assert_eq!(refusals("startup_parameter"), "1");
+    assert_eq!(secret_refused, "0");
+    assert!(
+        standin.verifier_log().is_empty(),
+        "the stand-in saw a login: {:?}",
+        standin.verifier_log()
+    );
+
+    // What PgBouncer sends still goes through, with a wrong secret counted apart.
+    let client = relay
+        .connect("app_user", Some(SECRET), TARGET)
+        .await
+        .unwrap();
+    assert_eq!(current_user(&client).await, "app_user");
+    assert!(
+        relay
+            .connect("app_user", Some("guess"), TARGET)
+            .await
+            .is_err()
+    );
+    assert_eq!(refusals("authentication"), "1");
     relay.stop().await;
 }
 

@@ -75,7 +75,7 @@ impl AuthQueryMode {
                 let relay = LocalAddress::of(&settings.relay_listen, dir);
                 let secret = load_or_create_secret(dir, RELAY_SECRET_FILE)
                     .map_err(|error| error.to_string())?;
-                start_relay(settings, &relay, secret.clone(), source, stopped()).await?;
+                start_relay(settings, &relay, secret.clone(), source, metrics, stopped()).await?;
                 // PgBouncer talks only to the daemon, on loopback or a unix socket; the
                 // relay does the TLS towards RDS. `prefer` still takes the endpoint's TLS.
                 let route = Some((relay.host, relay.port));
@@ -261,6 +261,7 @@ async fn start_relay(
     address: &LocalAddress,
     secret: SecretString,
     source: &Arc<TokenSource>,
+    metrics: &Arc<Metrics>,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let ca_file = settings.server_ca_file.as_deref().ok_or(
@@ -275,6 +276,7 @@ async fn start_relay(
                 port: db.target.port,
                 region: db.target.region.clone(),
                 database: db.dbname.clone(),
+                users: db.allowed_users.clone(),
             };
             (db.name.clone(), upstream)
         })
@@ -285,6 +287,7 @@ async fn start_relay(
         upstream_tls: upstream_tls(ca_file)?,
         targets,
         limits: RelayLimits::default(),
+        metrics: Some(metrics.clone()),
     });
     let listener = address.bind("relay").await?;
     tokio::spawn(crate::relay::serve(

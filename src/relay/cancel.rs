@@ -105,6 +105,7 @@ mod tests {
             port: 5432,
             region: "us-east-1".into(),
             database: "appdb".into(),
+            users: Vec::new(),
         }
     }
 

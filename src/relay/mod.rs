@@ -21,9 +21,19 @@
 //! (userlist, or the `[databases]` entry's forced `password=`). The relay admits any user
 //! name whose password is the relay secret, with SCRAM-SHA-256, so **every IAM user's password
 //! in PgBouncer's configuration is the same relay secret**; the secret proves "this is our
-//! PgBouncer", and RDS decides whether the user exists. On a unix socket, a peer whose uid is
-//! [`RelayConfig::peer_uid`] is admitted without a password. Anyone else gets an
-//! ErrorResponse (28P01) before anything reaches the upstream server. PgBouncer's
+//! PgBouncer". On a unix socket, a peer whose uid is [`RelayConfig::peer_uid`] is admitted
+//! without a password. Anyone else gets an ErrorResponse (28P01) before anything reaches the
+//! upstream server.
+//!
+//! **What the secret buys.** The secret can leak (PgBouncer's memory, the relay-secret file,
+//! an auth_query answer), so it buys no more than PgBouncer itself needs: a login as a user
+//! on the target's allow-list ([`Upstream::users`], else 28000), to that target's database
+//! only, with only the startup parameters PgBouncer puts in a server's StartupMessage
+//! ([`FORWARDED_PARAMETERS`], else 08P01). PgBouncer builds that message from its
+//! `[databases]` entry (`database`, `client_encoding`, `datestyle`, `timezone`,
+//! `application_name`) and the pool's `user`; only for replication connections does it add
+//! `replication`, the client's tracked parameters and its `options`, and the relay does not
+//! carry replication. Each refusal is counted (`aws_pgbouncer_relay_refusals`). PgBouncer's
 //! `server_tls_sslmode` must let it talk to the relay without TLS (`disable` or `prefer`):
 //! the relay listens on loopback or a unix socket and does the TLS towards RDS itself.
 //!
@@ -41,9 +51,13 @@ mod cancel;
 mod session;
 mod upstream;
 
+pub use session::FORWARDED_PARAMETERS;
+
 use crate::endpoint::BoundListener;
 use crate::endpoint::listener::serve_with;
 use crate::endpoint::scram::ScramSecret;
+use crate::endpoint::session::End;
+use crate::metrics::{Metrics, RelayRefusal};
 use crate::token::TokenSource;
 use cancel::CancelMap;
 use rustls::ClientConfig;
@@ -67,6 +81,8 @@ pub struct Upstream {
     pub region: String,
     /// Database name sent upstream in place of the target's name.
     pub database: String,
+    /// The IAM users PgBouncer may log in as through this target: the entry's allow-list.
+    pub users: Vec<String>,
 }
 
 /// What bounds each connection and the relay as a whole.
@@ -108,6 +124,8 @@ pub struct RelayConfig {
     /// By the database name PgBouncer sends.
     pub targets: HashMap<String, Upstream>,
     pub limits: Limits,
+    /// Where refusals are counted, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl fmt::Debug for RelayConfig {
@@ -143,6 +161,20 @@ struct Shared {
     source: Arc<TokenSource>,
     tls: tokio_rustls::TlsConnector,
     cancels: CancelMap,
+}
+
+impl Shared {
+    fn count_refusal(&self, reason: RelayRefusal) {
+        if let Some(metrics) = &self.config.metrics {
+            metrics.relay_refused(reason);
+        }
+    }
+
+    /// Counts the refusal and hands back what PgBouncer is told.
+    fn refused(&self, reason: RelayRefusal, end: End) -> End {
+        self.count_refusal(reason);
+        end
+    }
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and returns once the relayed
@@ -199,6 +231,7 @@ mod tests {
             upstream_tls: Arc::new(tls),
             targets: HashMap::new(),
             limits: Limits::default(),
+            metrics: None,
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

@@ -9,6 +9,7 @@ use super::{Shared, Upstream};
 use crate::endpoint::backend;
 use crate::endpoint::listener::Stream;
 use crate::endpoint::session::{Conn, End, Negotiated, bounded, negotiate, scram_exchange};
+use crate::metrics::RelayRefusal;
 use crate::token::TokenKey;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
@@ -86,8 +87,20 @@ async fn forward_cancel(shared: &Shared, key: &[u8], deadline: Instant, peer: &s
     }
 }
 
-/// Authenticates PgBouncer, then logs in upstream. PgBouncer's login succeeds only when the
-/// upstream's does: the SCRAM server-final-message is held back until then.
+/// The startup parameters PgBouncer puts in a (non-replication) server StartupMessage; the
+/// relay refuses any other. Matched without regard to case, as PostgreSQL matches settings.
+pub const FORWARDED_PARAMETERS: [&str; 6] = [
+    "user",
+    "database",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "application_name",
+];
+
+/// Authenticates PgBouncer, checks that it asks for no more than it may, then logs in
+/// upstream. PgBouncer's login succeeds only when the upstream's does: the SCRAM
+/// server-final-message is held back until then.
 async fn login<S>(
     shared: &Shared,
     client: &mut Conn<S>,
@@ -113,16 +126,15 @@ where
     let server_final = if trusted {
         None
     } else {
-        Some(scram_exchange(client, &shared.secret, user).await?)
+        let proof = scram_exchange(client, &shared.secret, user).await;
+        if let Err(End::Fatal("28P01", _)) = &proof {
+            shared.count_refusal(RelayRefusal::Authentication);
+        }
+        Some(proof?)
     };
     // Only now, so that the target names are not disclosed to whoever can connect.
     let database = param("database").filter(|d| !d.is_empty()).unwrap_or(user);
-    let Some(target) = shared.config.targets.get(database) else {
-        return Err(End::Fatal(
-            "3D000",
-            format!("database \"{database}\" does not exist: the relay has no target of that name"),
-        ));
-    };
+    let target = admit(shared, params, user, database)?;
     let stream = upstream::connect(target, &shared.tls)
         .await
         .map_err(|error| End::Fatal("08001", error))?;
@@ -139,6 +151,54 @@ where
     // Registered before PgBouncer sees ReadyForQuery, so before it can want to cancel.
     let registration = key.map(|key| shared.cancels.register(key, target.clone()));
     Ok((server, registration))
+}
+
+/// The target PgBouncer may log in to as `user` with `params`, or the refusal it gets.
+fn admit<'a>(
+    shared: &'a Shared,
+    params: &[(String, String)],
+    user: &str,
+    database: &str,
+) -> Result<&'a Upstream, End> {
+    let Some(target) = shared.config.targets.get(database) else {
+        return Err(shared.refused(
+            RelayRefusal::UnknownDatabase,
+            End::Fatal(
+                "3D000",
+                format!(
+                    "database \"{database}\" does not exist: the relay has no target of that name"
+                ),
+            ),
+        ));
+    };
+    if !target.users.iter().any(|allowed| allowed == user) {
+        return Err(shared.refused(
+            RelayRefusal::UserNotAllowed,
+            End::Fatal(
+                "28000",
+                format!("user \"{user}\" is not on the allow-list of database \"{database}\""),
+            ),
+        ));
+    }
+    let unexpected = params.iter().map(|(k, _)| k.as_str()).find(|k| {
+        !k.starts_with("_pq_.")
+            && !FORWARDED_PARAMETERS
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(k))
+    });
+    if let Some(name) = unexpected {
+        return Err(shared.refused(
+            RelayRefusal::StartupParameter,
+            End::Fatal(
+                "08P01",
+                format!(
+                    "the relay does not forward startup parameter \"{name}\": PgBouncer \
+                     never sends it to a server"
+                ),
+            ),
+        ));
+    }
+    Ok(target)
 }
 
 /// Logs in to `target` as PgBouncer's user and writes into `out` what PgBouncer gets: the
@@ -351,6 +411,7 @@ pub fn fuzz_relay(data: &[u8]) {
             port: 1,
             region: "us-east-1".into(),
             database: "appdb".into(),
+            users: vec!["app_user".into()],
         };
         let config = Arc::new(RelayConfig {
             secret: "relay-secret".to_owned().into(),
@@ -362,6 +423,7 @@ pub fn fuzz_relay(data: &[u8]) {
                 handshake_timeout: Duration::from_secs(2),
                 ..Limits::default()
             },
+            metrics: None,
         });
         Arc::new(Shared {
             secret: crate::endpoint::scram::ScramSecret::generate(&config.secret),
