@@ -21,10 +21,14 @@ pub enum Command {
     Check(Box<RunArgs>),
     /// Wait until a running daemon reports that it has started (its /startupz answers 200).
     Wait(WaitArgs),
+    /// Ask a running daemon to stop (POST /quitquitquit; the daemon needs --quitquitquit).
+    /// For a Job's last step or a preStop hook in an image without a shell.
+    Shutdown(DaemonHttp),
 }
 
+/// Where `wait` and `shutdown` find the daemon.
 #[derive(Debug, Args)]
-pub struct WaitArgs {
+pub struct DaemonHttp {
     /// The daemon's HTTP address.
     #[arg(
         long,
@@ -32,6 +36,12 @@ pub struct WaitArgs {
         default_value = "127.0.0.1:9090"
     )]
     pub http: String,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    pub daemon: DaemonHttp,
     /// Give up after this many seconds (exit status 1).
     #[arg(long, default_value_t = 60)]
     pub timeout: u64,
@@ -177,6 +187,10 @@ pub struct RunArgs {
     /// Exit 0 instead of 143 after SIGTERM (for Kubernetes Jobs).
     #[arg(long, env = "AWS_PGBOUNCER_EXIT_ZERO_ON_SIGTERM")]
     pub exit_zero_on_sigterm: bool,
+    /// Serve POST /quitquitquit to callers on loopback: stop as after SIGTERM, then exit 0
+    /// (for Kubernetes Jobs: the app ends its sidecars when it finishes).
+    #[arg(long, env = "AWS_PGBOUNCER_QUITQUITQUIT")]
+    pub quitquitquit: bool,
     /// Log line format.
     #[arg(long, env = "AWS_PGBOUNCER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

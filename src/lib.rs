@@ -8,7 +8,7 @@
 //! - [`pgbouncer`] renders PgBouncer's files and talks to its admin console;
 //! - [`daemon`] ties them together for `aws-pgbouncer run`;
 //! - [`http`] and [`metrics`] serve probes and Prometheus metrics;
-//! - [`check`] and [`wait`] are the `check` and `wait` commands.
+//! - [`check`], [`wait`] and [`shutdown`] are the `check`, `wait` and `shutdown` commands.
 
 pub mod backoff;
 pub mod ca_bundle;
@@ -18,8 +18,10 @@ pub mod config;
 pub mod daemon;
 pub mod endpoint;
 pub mod http;
+mod local_http;
 pub mod metrics;
 pub mod pgbouncer;
 pub mod relay;
+pub mod shutdown;
 pub mod token;
 pub mod wait;

@@ -17,6 +17,7 @@ async fn main() -> ExitCode {
         Command::Token(args) => print_token(args).await,
         Command::Check(args) => aws_pgbouncer::check::run(&args).await,
         Command::Wait(args) => aws_pgbouncer::wait::run(&args).await,
+        Command::Shutdown(args) => aws_pgbouncer::shutdown::run(&args).await,
         Command::Run(args) => {
             aws_pgbouncer::daemon::init_logging(args.log_format);
             let outcome = aws_pgbouncer::daemon::run(&args).await;
@@ -25,7 +26,7 @@ async fn main() -> ExitCode {
                     tracing::error!("{message}");
                     eprintln!("aws-pgbouncer: {message}");
                 }
-                Outcome::Signalled { .. } => {}
+                Outcome::Signalled { .. } | Outcome::Requested => {}
             }
             return outcome.exit_code();
         }

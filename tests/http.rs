@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
 struct TestProbes {
@@ -46,7 +46,11 @@ fn target() -> TokenKey {
 }
 
 async fn start() -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_on("127.0.0.1:0", None).await
+}
+
+async fn start_on(address: &str, quit: Option<Arc<Notify>>) -> Server {
+    let listener = TcpListener::bind(address).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let probes = Arc::new(TestProbes {
         started: AtomicBool::new(false),
@@ -80,6 +84,7 @@ async fn start() -> Server {
         listener,
         Arc::clone(&probes) as Arc<dyn Probes>,
         metrics,
+        quit,
         async {
             let _ = stopped.await;
         },
@@ -297,6 +302,80 @@ async fn shutdown_stops_serving() {
         .unwrap();
     drop(idle);
     assert!(TcpStream::connect(server.addr).await.is_err());
+}
+
+/// Whether `/quitquitquit` has notified the daemon (without waiting: a stored permit or none).
+async fn quit_requested(quit: &Notify) -> bool {
+    tokio::time::timeout(Duration::ZERO, quit.notified())
+        .await
+        .is_ok()
+}
+
+/// This machine's address on its default route: not loopback, yet it reaches local listeners.
+async fn non_loopback_address() -> std::net::IpAddr {
+    let socket = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    // Connecting a UDP socket sends nothing; it only picks the route and the source address.
+    socket
+        .connect("203.0.113.1:9")
+        .await
+        .expect("a route off loopback (the test needs a non-loopback address)");
+    let ip = socket.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}");
+    ip
+}
+
+#[tokio::test]
+async fn quitquitquit_is_absent_unless_enabled() {
+    let server = start().await;
+    assert_eq!(
+        request(server.addr, "POST", "/quitquitquit").await.status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn quitquitquit_stops_on_a_post_from_loopback_only() {
+    let quit = Arc::new(Notify::new());
+    // Dual-stack, as `[::]:9090` would be: IPv4 loopback then arrives as ::ffff:127.0.0.1.
+    let server = start_on("[::]:0", Some(Arc::clone(&quit))).await;
+    let port = server.addr.port();
+
+    for method in ["GET", "HEAD", "PUT"] {
+        let answer = request(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            method,
+            "/quitquitquit",
+        )
+        .await;
+        assert_eq!(answer.status, 405, "{method}");
+        assert_eq!(answer.header("allow"), Some("POST"));
+    }
+    let remote = request(
+        SocketAddr::new(non_loopback_address().await, port),
+        "POST",
+        "/quitquitquit",
+    )
+    .await;
+    assert_eq!(remote.status, 403, "{}", remote.body);
+    assert!(remote.body.contains("loopback only"), "{}", remote.body);
+    assert!(
+        !quit_requested(&quit).await,
+        "refused requests must not stop the daemon"
+    );
+
+    let local = request(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        "POST",
+        "/quitquitquit",
+    )
+    .await;
+    assert_eq!((local.status, local.body.as_str()), (200, "stopping\n"));
+    assert!(quit_requested(&quit).await);
+    // The other routes are unchanged.
+    assert_eq!(
+        status(SocketAddr::from(([127, 0, 0, 1], port)), "/healthz").await,
+        200
+    );
 }
 
 async fn wait_command(addr: SocketAddr, timeout_secs: u64) -> std::process::Output {

@@ -200,23 +200,73 @@ async fn sigterm_drains_readiness_first_and_lets_the_query_in_flight_finish() {
     );
 }
 
+/// A supervised daemon on the stand-in, 60-second tokens, with `extra` flags, once started.
+fn start_started(standin: &Standin, work: &std::path::Path, extra: &[&str]) -> Daemon {
+    let mut args = base_args(standin, free_port(), 60);
+    args.extend(extra.iter().map(|flag| flag.to_string()));
+    let mut daemon = Daemon::start(
+        work,
+        &standin.static_creds(),
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    daemon.wait_until_started();
+    daemon
+}
+
 #[test]
 fn exit_zero_on_sigterm_for_jobs() {
     let standin = Standin::start();
     let work = test_dir("exit-zero");
-    let mut args = base_args(&standin, free_port(), 60);
-    args.push("--exit-zero-on-sigterm".into());
-    let mut daemon = Daemon::start(
-        work.path(),
-        &standin.static_creds(),
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    wait_status(&daemon, "/startupz", 200, Duration::from_secs(30));
+    let mut daemon = start_started(&standin, work.path(), &["--exit-zero-on-sigterm"]);
     daemon.signal(libc::SIGTERM);
     let exit = daemon
         .wait_exit(Duration::from_secs(15))
         .expect("daemon exits");
     assert_eq!(exit.code(), Some(0), "{}", daemon.log());
+}
+
+fn shutdown_command(http_port: u16) -> std::process::Output {
+    Command::new(BINARY)
+        .args(["shutdown", "--http", &format!("127.0.0.1:{http_port}")])
+        .env_remove("AWS_PGBOUNCER_HTTP_LISTEN")
+        .output()
+        .expect("run shutdown")
+}
+
+#[test]
+fn shutdown_command_ends_a_daemon_that_serves_quitquitquit_with_exit_0() {
+    let standin = Standin::start();
+    let work = test_dir("quitquitquit");
+    let mut daemon = start_started(&standin, work.path(), &["--quitquitquit"]);
+    let output = shutdown_command(daemon.http_port);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let exit = daemon
+        .wait_exit(Duration::from_secs(15))
+        .expect("daemon exits after /quitquitquit");
+    let log = daemon.log();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    assert!(log.contains("POST /quitquitquit"), "{log}");
+    assert!(
+        log.contains("PgBouncer stopped"),
+        "the supervised PgBouncer ends too: {log}"
+    );
+}
+
+#[test]
+fn shutdown_command_is_refused_by_a_daemon_without_quitquitquit() {
+    let standin = Standin::start();
+    let work = test_dir("no-quitquitquit");
+    let mut daemon = start_started(&standin, work.path(), &[]);
+    let output = shutdown_command(daemon.http_port);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("start it with --quitquitquit"), "{stderr}");
+    assert_eq!(status(&daemon, "/healthz"), 200, "{}", daemon.log());
+    assert!(daemon.is_running());
 }
 
 #[test]

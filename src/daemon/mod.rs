@@ -25,6 +25,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
 
 const ADMIN_SECRET_FILE: &str = "admin-secret";
 
@@ -34,6 +35,8 @@ const ADMIN_SECRET_FILE: &str = "admin-secret";
 pub enum Outcome {
     /// Stopped by SIGTERM or SIGINT.
     Signalled { signal: i32, exit_zero: bool },
+    /// Stopped by `POST /quitquitquit`: the application has finished, which is success.
+    Requested,
     /// The supervised PgBouncer exited on its own.
     PgBouncerExited(String),
     /// Bad settings or an unrecoverable error.
@@ -45,7 +48,8 @@ impl Outcome {
         match self {
             Outcome::Signalled {
                 exit_zero: true, ..
-            } => ExitCode::SUCCESS,
+            }
+            | Outcome::Requested => ExitCode::SUCCESS,
             // The shell's convention, which Kubernetes and docker report as such.
             Outcome::Signalled { signal, .. } => ExitCode::from(128 + *signal as u8),
             Outcome::PgBouncerExited(_) => ExitCode::from(3),
@@ -103,7 +107,8 @@ pub async fn run(args: &RunArgs) -> Outcome {
         Ok(settings) => settings,
         Err(message) => return Outcome::Failed(message),
     };
-    run_with(settings, args, Signals::install())
+    let quit = args.quitquitquit.then(|| Arc::new(Notify::new()));
+    run_with(settings, args, Signals::install(quit))
         .await
         .unwrap_or_else(Outcome::Failed)
 }
@@ -160,6 +165,7 @@ async fn run_with(
         http_listener,
         state.clone(),
         metrics.clone(),
+        signals.quit.clone(),
         stopped(),
     ));
 
@@ -217,7 +223,7 @@ async fn run_with(
                     // A second stop signal cuts the lingering short.
                     Some(_) => break,
                     None => {
-                        tracing::info!(signal = stop.signal, min_delay_secs = args.min_shutdown_delay, "stopping: readiness is now 503");
+                        tracing::info!(cause = %stop, min_delay_secs = args.min_shutdown_delay, "stopping: readiness is now 503");
                         state.mark_stopping();
                         stopping = Some(Stopping {
                             stop,
@@ -329,24 +335,40 @@ async fn exited(child: &mut Option<Supervised>) -> std::io::Result<std::process:
     }
 }
 
-/// The signals the daemon acts on, installed once at start so that none is lost to the
-/// default action while the daemon is busy.
+/// What tells the daemon to stop or refresh: signals, installed once at start so that none is
+/// lost to the default action while the daemon is busy, and `POST /quitquitquit` when enabled.
 pub struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
+    quit: Option<Arc<Notify>>,
 }
 
 #[derive(Clone, Copy)]
-pub struct Stop {
-    signal: i32,
+pub enum Stop {
+    Signal(i32),
+    Requested,
 }
 
 impl Stop {
     fn outcome(self, args: &RunArgs) -> Outcome {
-        Outcome::Signalled {
-            signal: self.signal,
-            exit_zero: args.exit_zero_on_sigterm && self.signal == libc::SIGTERM,
+        match self {
+            Stop::Signal(signal) => Outcome::Signalled {
+                signal,
+                exit_zero: args.exit_zero_on_sigterm && signal == libc::SIGTERM,
+            },
+            Stop::Requested => Outcome::Requested,
+        }
+    }
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Signal(libc::SIGTERM) => f.write_str("SIGTERM"),
+            Stop::Signal(libc::SIGINT) => f.write_str("SIGINT"),
+            Stop::Signal(signal) => write!(f, "signal {signal}"),
+            Stop::Requested => f.write_str("POST /quitquitquit"),
         }
     }
 }
@@ -357,20 +379,29 @@ pub enum Received {
 }
 
 impl Signals {
-    fn install() -> Self {
+    fn install(quit: Option<Arc<Notify>>) -> Self {
         let install = |kind| signal(kind).expect("installing a signal handler");
         Self {
             terminate: install(SignalKind::terminate()),
             interrupt: install(SignalKind::interrupt()),
             hangup: install(SignalKind::hangup()),
+            quit,
         }
     }
 
     async fn next(&mut self) -> Received {
+        let quit = self.quit.clone();
+        let quit = async move {
+            match quit {
+                Some(quit) => quit.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.terminate.recv() => Received::Stop(Stop { signal: libc::SIGTERM }),
-            _ = self.interrupt.recv() => Received::Stop(Stop { signal: libc::SIGINT }),
+            _ = self.terminate.recv() => Received::Stop(Stop::Signal(libc::SIGTERM)),
+            _ = self.interrupt.recv() => Received::Stop(Stop::Signal(libc::SIGINT)),
             _ = self.hangup.recv() => Received::Hangup,
+            () = quit => Received::Stop(Stop::Requested),
         }
     }
 

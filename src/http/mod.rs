@@ -1,9 +1,14 @@
-//! The operability HTTP server: Kubernetes probes and Prometheus metrics.
+//! The operability HTTP server: Kubernetes probes, Prometheus metrics and, when asked for,
+//! `/quitquitquit`.
 //!
 //! Every answer comes from memory: probes never wait on AWS or the database, so a slow
 //! dependency cannot make the kubelet kill a daemon that is still serving good tokens. The
-//! server is small on purpose (HTTP/1.1, GET and HEAD, a handful of paths) and bounds what a
+//! server is small on purpose (HTTP/1.1, a handful of paths) and bounds what a
 //! client can hold: header read time, connection lifetime and the number of connections.
+
+mod quit;
+
+pub use quit::PATH as QUIT_PATH;
 
 use crate::metrics::{self, Metrics};
 use bytes::Bytes;
@@ -16,9 +21,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 /// A client that has not sent its request headers by then is cut off.
@@ -50,11 +57,13 @@ pub struct Readiness {
     pub reasons: Vec<String>,
 }
 
-/// Serves until `shutdown` completes, then closes every connection still open.
+/// Serves until `shutdown` completes, then closes every connection still open. With `quit`,
+/// `POST /quitquitquit` from loopback notifies it.
 pub async fn serve(
     listener: TcpListener,
     probes: Arc<dyn Probes>,
     metrics: Arc<Metrics>,
+    quit: Option<Arc<Notify>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http1::Builder::new();
@@ -70,8 +79,8 @@ pub async fn serve(
             () = &mut shutdown => break,
             Some(_) = connections.join_next() => {}
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _peer)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(error) => {
                         // Running out of file descriptors is the usual cause; pausing lets
                         // other connections end instead of spinning on the error.
@@ -86,9 +95,11 @@ pub async fn serve(
                 let builder = Arc::clone(&builder);
                 let probes = Arc::clone(&probes);
                 let metrics = Arc::clone(&metrics);
+                let quit = quit.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |request| {
-                        let response = respond(&request, probes.as_ref(), &metrics);
+                        let response =
+                            respond(&request, peer, probes.as_ref(), &metrics, quit.as_deref());
                         async move { Ok::<_, Infallible>(response) }
                     });
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -103,23 +114,21 @@ pub async fn serve(
 
 fn respond(
     request: &Request<Incoming>,
+    peer: SocketAddr,
     probes: &dyn Probes,
     metrics: &Metrics,
+    quit: Option<&Notify>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
+    if let (quit::PATH, Some(quit)) = (path, quit) {
+        return quit::respond(request.method(), peer, quit);
+    }
     let known = matches!(path, "/healthz" | "/startupz" | "/readyz" | "/metrics");
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n".to_owned());
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
-        let mut response = text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n".to_owned(),
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return response;
+        return method_not_allowed("GET, HEAD");
     }
     match path {
         // Answering at all shows that the event loop runs.
@@ -143,6 +152,17 @@ fn respond(
         // "/metrics", the one known path left.
         _ => with_type(StatusCode::OK, metrics::CONTENT_TYPE, metrics.encode()),
     }
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed\n".to_owned(),
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
