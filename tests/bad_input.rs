@@ -217,3 +217,22 @@ fn an_allow_list_is_not_for_config_mode() {
         "users (an allow-list) is for auth-query and passthrough modes",
     );
 }
+
+/// `pg_hba.conf` reads an unquoted `all` as every database: an entry named so would have
+/// turned the passwordless loopback rule into one for every database, the auth entry's too.
+#[test]
+fn database_names_that_pg_hba_reads_as_keywords_are_refused() {
+    for name in [
+        "all",
+        "sameuser",
+        "samerole",
+        "samegroup",
+        "replication",
+        "ALL",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!("{ONE_DATABASE}name = \"{name}\"\n");
+        let output = run_in(dir.path(), &config, &[]);
+        assert_refused(&output, 1, &format!("database name {name:?} is reserved"));
+    }
+}

@@ -22,6 +22,19 @@ pub const DEFAULT_RELAY_LISTEN: &str = "127.0.0.1:6434";
 /// `[databases]` entries the daemon adds for auth-query mode start with this.
 pub const AUTH_DATABASE_PREFIX: &str = "aws_pgbouncer_auth";
 
+/// Database names PgBouncer's `pg_hba.conf` parser reads as keywords when unquoted (`all`
+/// matches every database, `sameuser` the user's own name; the others make it drop the
+/// line), plus its admin console's `pgbouncer`. The daemon quotes every name it writes there,
+/// and refuses these too, so that no reader of the file can mistake one for a rule.
+const RESERVED_DATABASE_NAMES: &[&str] = &[
+    "all",
+    "sameuser",
+    "samerole",
+    "samegroup",
+    "replication",
+    "pgbouncer",
+];
+
 /// Settings the daemon owns in `[pgbouncer]`; passing them through would break it or open it.
 const OWNED_PGBOUNCER_SETTINGS: &[&str] = &[
     "listen_addr",
@@ -285,8 +298,15 @@ async fn resolve_database(
 ) -> Result<Database, String> {
     let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
     check_word(&name, "database name")?;
-    if name == "pgbouncer" || name.starts_with(AUTH_DATABASE_PREFIX) {
-        return Err(format!("database name {name} is reserved"));
+    let keyword = RESERVED_DATABASE_NAMES
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(&name));
+    if keyword || name.starts_with(AUTH_DATABASE_PREFIX) {
+        return Err(format!(
+            "database name {name:?} is reserved: PgBouncer reads all, sameuser, samerole, \
+             samegroup, replication and pgbouncer as keywords, and {AUTH_DATABASE_PREFIX}* \
+             names are the daemon's own; set name = \"...\" on the entry to something else"
+        ));
     }
     if entry.host.is_empty() || entry.dbname.is_empty() {
         return Err(format!(

@@ -194,8 +194,17 @@ pub fn hba(mode: Mode, databases: &[Database], clients: &[Client]) -> String {
         let _ = writeln!(rules, "host {database} {user} {v4} {method}");
         let _ = writeln!(rules, "host {database} {user} {v6} {method}");
     };
-    allow("pgbouncer", ADMIN_USER, "scram-sha-256", false);
-    let names: Vec<&str> = databases.iter().map(|db| db.name.as_str()).collect();
+    allow(
+        &quote_userlist("pgbouncer"),
+        ADMIN_USER,
+        "scram-sha-256",
+        false,
+    );
+    // Quoted, a name is only ever a name: unquoted, `all` or `sameuser` would be a keyword.
+    let names: Vec<String> = databases
+        .iter()
+        .map(|db| quote_userlist(&db.name))
+        .collect();
     let names = names.join(",");
     for client in clients {
         match client.password {
@@ -225,7 +234,8 @@ fn quote_value(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
-/// The userlist's and hba file's quoting: double quotes, doubled inside.
+/// The userlist's and hba file's quoting: double quotes, doubled inside. PgBouncer's hba
+/// parser takes a quoted word as a plain name, never as a keyword.
 fn quote_userlist(value: &str) -> String {
     format!("\"{}\"", value.replace('"', "\"\""))
 }
@@ -283,13 +293,26 @@ mod tests {
             &[database("a", "app"), database("b", "app")],
             &clients,
         );
-        assert!(rules.contains("host a,b \"app\" 127.0.0.1/32 trust\n"));
+        assert!(rules.contains("host \"a\",\"b\" \"app\" 127.0.0.1/32 trust\n"));
         assert!(!rules.contains("\"app\" 0.0.0.0/0"));
-        assert!(rules.contains("host a,b \"remote\" 0.0.0.0/0 scram-sha-256\n"));
+        assert!(rules.contains("host \"a\",\"b\" \"remote\" 0.0.0.0/0 scram-sha-256\n"));
         assert!(
-            rules.contains("host pgbouncer \"aws_pgbouncer_admin\" 127.0.0.1/32 scram-sha-256\n")
+            rules.contains(
+                "host \"pgbouncer\" \"aws_pgbouncer_admin\" 127.0.0.1/32 scram-sha-256\n"
+            )
         );
         assert!(!rules.contains("any"));
+    }
+
+    #[test]
+    fn hba_quotes_every_database_name_so_none_is_a_keyword() {
+        for mode in [Mode::Config, Mode::AuthQuery] {
+            let rules = hba(mode, &[database("all", "app")], &[]);
+            for line in rules.lines().filter(|line| !line.starts_with('#')) {
+                let database = line.split_whitespace().nth(1).unwrap();
+                assert!(database.starts_with('"'), "unquoted in {line:?}");
+            }
+        }
     }
 
     #[test]
