@@ -50,7 +50,9 @@ fn k8s_manifests() -> Vec<(String, Vec<Value>)> {
         [
             "auth-query-mode.yaml",
             "config-mode.yaml",
+            "job.yaml",
             "passthrough-mode.yaml",
+            "pooler-tier.yaml",
             "supervised.yaml"
         ]
         .iter()
@@ -174,6 +176,18 @@ fn check_command_line(origin: &str, args: &[String]) {
 
 // ------------------------------------------------------------------------ Kubernetes
 
+/// The pod template of the manifest's workload: a Deployment's, a Job's or a CronJob's.
+fn pod_template<'a>(path: &str, documents: &'a [Value]) -> &'a Value {
+    documents
+        .iter()
+        .find_map(|doc| match str_of(doc, &["kind"])? {
+            "Deployment" | "Job" => get(doc, &["spec", "template", "spec"]),
+            "CronJob" => get(doc, &["spec", "jobTemplate", "spec", "template", "spec"]),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{path}: no Deployment, Job or CronJob"))
+}
+
 #[test]
 fn kubernetes_manifests_run_native_sidecars_in_order_as_one_uid() {
     for (path, documents) in k8s_manifests() {
@@ -198,11 +212,7 @@ fn kubernetes_manifests_run_native_sidecars_in_order_as_one_uid() {
             "{path}: say how EKS Pod Identity differs"
         );
 
-        let deployment = documents
-            .iter()
-            .find(|doc| str_of(doc, &["kind"]) == Some("Deployment"))
-            .unwrap_or_else(|| panic!("{path}: no Deployment"));
-        let pod = get(deployment, &["spec", "template", "spec"]).unwrap();
+        let pod = pod_template(&path, &documents);
         assert_eq!(
             str_of(pod, &["serviceAccountName"]),
             str_of(account, &["metadata", "name"]),
@@ -235,12 +245,22 @@ fn kubernetes_manifests_run_native_sidecars_in_order_as_one_uid() {
             );
         }
 
-        // The daemon comes first, serves HTTP beyond loopback (the kubelet probes the pod
+        // The daemon comes first (a native sidecar) or runs PgBouncer itself (an ordinary
+        // container, --supervise), serves HTTP beyond loopback (the kubelet probes the pod
         // IP), and is probed for readiness and liveness.
-        let daemon = sidecars
-            .first()
-            .unwrap_or_else(|| panic!("{path}: no sidecar"));
-        assert_eq!(str_of(daemon, &["name"]), Some("aws-pgbouncer"), "{path}");
+        let named = |container: &&Value| str_of(container, &["name"]) == Some("aws-pgbouncer");
+        let daemon = match sidecars.first() {
+            Some(first) => *first,
+            None => apps
+                .iter()
+                .copied()
+                .find(named)
+                .unwrap_or_else(|| panic!("{path}: no aws-pgbouncer container")),
+        };
+        assert!(
+            named(&daemon),
+            "{path}: the first sidecar is not aws-pgbouncer"
+        );
         let env = |container: &Value, name: &str| -> Option<String> {
             seq(container, &["env"])
                 .into_iter()
@@ -268,15 +288,37 @@ fn kubernetes_manifests_run_native_sidecars_in_order_as_one_uid() {
             Some(("/healthz".into(), port)),
             "{path}"
         );
-        // The last sidecar's startup probe is /startupz: the app starts only after
-        // PgBouncer has the first tokens.
-        let last = sidecars.last().unwrap();
-        assert_eq!(
-            probe(last, "startupProbe"),
-            Some(("/startupz".into(), port)),
-            "{path}: {} must gate the app on /startupz",
-            str_of(last, &["name"]).unwrap()
-        );
+        if let Some(last) = sidecars.last() {
+            // The last sidecar's startup probe is /startupz: the app starts only after
+            // PgBouncer has the first tokens.
+            assert_eq!(
+                probe(last, "startupProbe"),
+                Some(("/startupz".into(), port)),
+                "{path}: {} must gate the app on /startupz",
+                str_of(last, &["name"]).unwrap()
+            );
+        } else {
+            // Ordinary containers start together and a Job ends only when all have exited:
+            // the daemon runs PgBouncer itself, so that it ends with it, and every other
+            // container waits for /startupz and ends the daemon when done.
+            let mut args = strings(get(daemon, &["args"]));
+            args.extend(strings(get(daemon, &["command"])));
+            assert!(args.iter().any(|arg| arg == "--supervise"), "{path}");
+            for app in apps.iter().filter(|container| !named(container)) {
+                let script = strings(get(app, &["command"])).join(" ");
+                let polls = format!("http://127.0.0.1:{port}/startupz");
+                let quits = format!("--post-data= http://127.0.0.1:{port}/quitquitquit");
+                assert!(
+                    script.contains(&polls) && script.contains(&quits),
+                    "{path}: the app must wait for {polls} and end with {quits}: {script}"
+                );
+                assert_eq!(
+                    env(daemon, "AWS_PGBOUNCER_QUITQUITQUIT").as_deref(),
+                    Some("true"),
+                    "{path}"
+                );
+            }
+        }
         if sidecars.len() > 1 {
             // The daemon cannot report /startupz before PgBouncer runs: gating PgBouncer's
             // start on it would deadlock.
@@ -293,7 +335,12 @@ fn kubernetes_manifests_run_native_sidecars_in_order_as_one_uid() {
             .find(|volume| str_of(volume, &["emptyDir", "medium"]) == Some("Memory"))
             .unwrap_or_else(|| panic!("{path}: no emptyDir with medium Memory"));
         let volume_name = str_of(volume, &["name"]).unwrap();
-        let mount_paths: BTreeSet<&str> = sidecars
+        let with_daemon = [daemon];
+        let sharing = match sidecars.is_empty() {
+            true => &with_daemon[..],
+            false => &sidecars[..],
+        };
+        let mount_paths: BTreeSet<&str> = sharing
             .iter()
             .map(|sidecar| {
                 seq(sidecar, &["volumeMounts"])
@@ -535,7 +582,22 @@ fn example_toml_files_are_accepted_by_the_daemon() {
             files.push(path);
         }
     }
-    assert!(files.len() >= 3, "{files:?}");
+    // TOML files that manifests carry in a Secret or a ConfigMap.
+    for (path, documents) in k8s_manifests() {
+        for doc in &documents {
+            let data = get(doc, &["stringData"]).or_else(|| get(doc, &["data"]));
+            for (key, value) in data.and_then(Value::as_mapping).into_iter().flatten() {
+                let key = key.as_str().unwrap();
+                if key.ends_with(".toml") {
+                    let name = format!("{}-{key}", path.replace('/', "_"));
+                    let file = scratch.path().join(name);
+                    fs::write(&file, value.as_str().unwrap()).unwrap();
+                    files.push(file);
+                }
+            }
+        }
+    }
+    assert!(files.len() >= 4, "{files:?}");
     let (flags, _) = help_of("run");
     for file in &files {
         let stderr = parse(file);
