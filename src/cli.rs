@@ -133,7 +133,8 @@ pub struct RunArgs {
     /// The IAM database user PgBouncer logs in as. Also read from DB_USERNAME.
     #[arg(long, env = "AWS_PGBOUNCER_USER")]
     pub user: Option<String>,
-    /// Auth-query mode: the IAM users allowed to log in, comma-separated (with --user).
+    /// Auth-query and passthrough modes: the IAM users allowed to log in, comma-separated
+    /// (with --user).
     #[arg(long, env = "AWS_PGBOUNCER_ALLOW_USERS", value_delimiter = ',')]
     pub allow_users: Vec<String>,
     /// The region tokens are signed for; else AWS_REGION, the AWS profile, or the host name.
@@ -142,15 +143,16 @@ pub struct RunArgs {
     /// Where PgBouncer serves applications [default: 127.0.0.1:6432].
     #[arg(long, env = "AWS_PGBOUNCER_LISTEN")]
     pub listen: Option<String>,
-    /// Auth-query mode: where the auth endpoint listens, ADDR:PORT or `unix[:PORT]` for a
-    /// socket in --pgbouncer-dir [default: 127.0.0.1:6433].
+    /// Auth-query and passthrough modes: where the auth endpoint listens, ADDR:PORT or
+    /// `unix[:PORT]` for a socket in --pgbouncer-dir [default: 127.0.0.1:6433].
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN")]
     pub auth_listen: Option<String>,
     /// Passthrough mode: where the relay listens, loopback ADDR:PORT or `unix[:PORT]` for a
     /// socket in --pgbouncer-dir [default: 127.0.0.1:6434].
     #[arg(long, env = "AWS_PGBOUNCER_RELAY_LISTEN")]
     pub relay_listen: Option<String>,
-    /// Allow --auth-listen on an address other than loopback.
+    /// Auth-query and passthrough modes: allow --auth-listen on an address other than
+    /// loopback.
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN_NON_LOOPBACK")]
     pub auth_listen_non_loopback: bool,
     /// PgBouncer's TLS mode towards the database [default: verify-full].

@@ -1,9 +1,10 @@
-//! The README's reference table is the CLI's: every `run` flag and its environment variable
-//! are documented, and nothing documented is missing from the CLI.
+//! The README's reference table is the CLI's and the config file's: every `run` flag, its
+//! environment variable and its TOML key are documented, nothing documented is missing from
+//! the CLI or the config file, and the modes a flag applies to are named alike in both.
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use support::daemon::command;
 
 fn run_help() -> String {
@@ -12,61 +13,164 @@ fn run_help() -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-fn cli_flags_and_env(help: &str) -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut flags = BTreeSet::new();
-    let mut env = BTreeSet::new();
-    for line in help.lines().map(str::trim) {
+/// Each flag with the first line of its description.
+fn cli_flags(help: &str) -> BTreeMap<String, String> {
+    let mut flags = BTreeMap::new();
+    let mut lines = help.lines().map(str::trim).filter(|line| !line.is_empty());
+    while let Some(line) = lines.next() {
         if let Some(flag) = line.strip_prefix("--") {
             let name = flag.split([' ', '<']).next().unwrap();
             if name != "help" {
-                flags.insert(format!("--{name}"));
+                let about = lines.next().unwrap_or_default().to_owned();
+                flags.insert(format!("--{name}"), about);
             }
         }
-        if let Some(rest) = line.strip_prefix("[env: ") {
-            env.insert(rest.split('=').next().unwrap().to_owned());
-        }
     }
-    (flags, env)
+    flags
 }
 
-fn readme_table() -> (BTreeSet<String>, BTreeSet<String>) {
+fn cli_env(help: &str) -> BTreeSet<String> {
+    help.lines()
+        .map(str::trim)
+        .filter_map(|line| line.strip_prefix("[env: "))
+        .map(|rest| rest.split('=').next().unwrap().to_owned())
+        .collect()
+}
+
+struct Row {
+    flag: String,
+    env: Vec<String>,
+    toml: Vec<String>,
+    meaning: String,
+}
+
+fn readme_table() -> Vec<Row> {
     let readme = std::fs::read_to_string(support::repo_root().join("README.md")).unwrap();
     let table = readme
-        .split("| flag | environment | default | meaning |")
+        .split("| flag | environment | TOML key | default | meaning |")
         .nth(1)
         .expect("README has the reference table");
-    let mut flags = BTreeSet::new();
-    let mut env = BTreeSet::new();
-    for row in table
+    let list = |cell: &str| -> Vec<String> {
+        cell.split(',')
+            .map(|item| item.trim().trim_matches('`').to_owned())
+            .filter(|item| !item.is_empty())
+            .collect()
+    };
+    table
         .lines()
         .skip(2)
         .take_while(|line| line.starts_with('|'))
-    {
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        flags.insert(cells[1].trim_matches('`').to_owned());
-        let documented = cells[2]
-            .split(',')
-            .map(|name| name.trim().trim_matches('`'));
-        env.extend(
-            documented
-                .filter(|name| name.starts_with("AWS_PGBOUNCER_"))
-                .map(str::to_owned),
-        );
-    }
-    (flags, env)
+        .map(|row| {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            Row {
+                flag: cells[1].trim_matches('`').to_owned(),
+                env: list(cells[2]),
+                toml: list(cells[3]),
+                meaning: cells[5].to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// The keys the daemon's config file accepts, from its own refusal of an unknown one
+/// ("unknown field `x`, expected one of `a`, `b`, ...").
+fn accepted_keys(toml: &str) -> BTreeSet<String> {
+    let dir = support::test_dir("toml-keys");
+    let file = dir.path().join("probe.toml");
+    std::fs::write(&file, toml).unwrap();
+    let output = command(None)
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let expected = stderr
+        .lines()
+        .find_map(|line| line.split_once("expected one of ").map(|(_, keys)| keys))
+        .unwrap_or_else(|| panic!("no list of accepted keys: {stderr}"));
+    expected
+        .split(',')
+        .map(|key| key.trim().trim_matches('`').to_owned())
+        .collect()
+}
+
+/// "Auth-query and passthrough modes" from "Auth-query and passthrough modes: ...".
+fn modes_named(text: &str) -> Option<String> {
+    let (before, _) = text.split_once(':')?;
+    (before.ends_with(" mode") || before.ends_with(" modes")).then(|| before.to_lowercase())
 }
 
 #[test]
 fn the_readme_documents_every_run_flag_and_nothing_else() {
-    let (cli_flags, cli_env) = cli_flags_and_env(&run_help());
-    let (readme_flags, readme_env) = readme_table();
+    let help = run_help();
+    let cli_flags = cli_flags(&help);
+    let rows = readme_table();
     assert!(
         cli_flags.len() > 10,
         "parsing --help found too little: {cli_flags:?}"
     );
-    assert_eq!(readme_flags, cli_flags, "README flags vs `run --help`");
+    let readme_flags: BTreeSet<&String> = rows.iter().map(|row| &row.flag).collect();
     assert_eq!(
-        readme_env, cli_env,
+        readme_flags,
+        cli_flags.keys().collect(),
+        "README flags vs `run --help`"
+    );
+    let readme_env: BTreeSet<String> = rows
+        .iter()
+        .flat_map(|row| row.env.iter())
+        .filter(|name| name.starts_with("AWS_PGBOUNCER_"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        readme_env,
+        cli_env(&help),
         "README environment variables vs `run --help`"
+    );
+}
+
+#[test]
+fn the_readme_names_the_modes_a_flag_applies_to_as_help_does() {
+    let cli_flags = cli_flags(&run_help());
+    let mut checked = 0;
+    for row in readme_table() {
+        let help = &cli_flags[&row.flag];
+        assert_eq!(
+            modes_named(&row.meaning),
+            modes_named(help),
+            "{}: README says {:?}, --help says {help:?}",
+            row.flag,
+            row.meaning
+        );
+        checked += usize::from(modes_named(help).is_some());
+    }
+    assert!(checked >= 4, "only {checked} flags name their modes");
+}
+
+#[test]
+fn the_readme_toml_keys_are_the_config_files() {
+    let rows = readme_table();
+    let documented = |prefix: &str| -> BTreeSet<String> {
+        rows.iter()
+            .flat_map(|row| row.toml.iter())
+            .filter_map(|key| match key.strip_prefix("[[databases]] ") {
+                Some(key) => (prefix == "[[databases]]").then(|| key.to_owned()),
+                None => prefix.is_empty().then(|| key.clone()),
+            })
+            .collect()
+    };
+    // Top level: every scalar setting the file accepts has a row (the tables have their own
+    // sections), and every documented key is accepted.
+    let mut top = accepted_keys("not_a_setting = 1\n");
+    for table in ["databases", "clients", "pgbouncer"] {
+        assert!(top.remove(table), "{table} missing from {top:?}");
+    }
+    assert_eq!(documented(""), top, "README's TOML keys vs the config file");
+    // Per database: the documented keys exist; the others (name, options) are not flags.
+    let per_database = accepted_keys("[[databases]]\nnot_a_setting = 1\n");
+    let in_readme = documented("[[databases]]");
+    assert!(in_readme.len() >= 5, "{in_readme:?}");
+    assert!(
+        in_readme.is_subset(&per_database),
+        "README's [[databases]] keys {in_readme:?} vs the config file's {per_database:?}"
     );
 }

@@ -655,6 +655,31 @@ fn own_pgbouncer_ini_takes_the_daemons_files_by_absolute_path() {
             .any(|line| line == "%include /run/aws-pgbouncer/databases.ini"),
         "the databases come from the daemon's databases.ini, by absolute path"
     );
+    // README's section names every setting the example takes from the daemon.
+    let readme = read("README.md");
+    let section = readme
+        .split("### Keeping your own pgbouncer.ini")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("README has the section");
+    for key in [
+        "auth_type",
+        "auth_file",
+        "auth_hba_file",
+        "admin_users",
+        "server_tls_sslmode",
+        "server_tls_ca_file",
+    ] {
+        let line = format!("`{key} = {}`", setting(key).unwrap());
+        assert!(
+            section.contains(&line),
+            "README's own-ini section lacks {line}"
+        );
+    }
+    assert!(
+        section.contains("databases.ini ]"),
+        "README gives the start order"
+    );
 }
 
 #[test]
