@@ -2,22 +2,37 @@
 # Provision the test bed for aws-pgbouncer's integration tests.
 #
 # Installs (only what is missing): PostgreSQL server and client, a PgBouncer >= 1.24
-# (built from Debian trixie's source package when the system one is older), a Python
-# venv with botocore and moto[server], and the RDS stand-in's PAM module and verifier.
+# (built from the newest Debian source package this machine's mirror serves, unstable's
+# first, then trixie's, when the system one is older), a Python venv with botocore and
+# moto[server], and the RDS stand-in's PAM module and verifier.
 #
 # Idempotent and quick when everything is already in place. Writes $TESTBED/ready last:
 # the test harness refuses to run without it.
 #
+#   bash scripts/provision.sh          # for the test suite (also nix-bin: flake.nix is parsed)
+#   bash scripts/provision.sh --demo   # for scripts/demo.sh: the stand-in and PgBouncer only
+#
 # Environment:
 #   AWS_PGBOUNCER_TESTBED  test-bed directory (default /opt/aws-pgbouncer-testbed)
 set -euo pipefail
+
+FOR_TESTS=1
+case "${1:-}" in
+    --demo) FOR_TESTS=0 ;;
+    "") ;;
+    *) echo "usage: $0 [--demo]" >&2; exit 2 ;;
+esac
 
 TESTBED=${AWS_PGBOUNCER_TESTBED:-/opt/aws-pgbouncer-testbed}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGBOUNCER_MIN=1.24
 BOTOCORE_PIN=1.44.8
 PAM_SERVICE=aws-pgbouncer-standin
-TRIXIE_SOURCES=/etc/apt/sources.list.d/aws-pgbouncer-trixie-src.sources
+DEBIAN_SOURCES=/etc/apt/sources.list.d/aws-pgbouncer-debian-src.sources
+# Written by earlier versions with a fixed mirror host; replaced by $DEBIAN_SOURCES.
+OLD_TRIXIE_SOURCES=/etc/apt/sources.list.d/aws-pgbouncer-trixie-src.sources
+# PgBouncer source suites, newest first.
+SOURCE_SUITES=(sid trixie)
 
 SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
@@ -32,9 +47,10 @@ APT_PACKAGES=(
     postgresql postgresql-client postgresql-contrib
     libpam0g-dev libevent-dev libssl-dev pkg-config build-essential dpkg-dev
     openssl python3 python3-venv util-linux ca-certificates curl
-    # tests/packaging.rs: flake.nix must parse, the compose file must validate.
-    nix-bin docker-compose
 )
+# tests/packaging.rs parses flake.nix. (docker-compose, which validates the compose file when
+# present, comes with the container tooling that runs the compose demo.)
+[ "$FOR_TESTS" -eq 1 ] && APT_PACKAGES+=(nix-bin)
 apt_updated=0
 apt_update() {
     if [ "$apt_updated" -eq 0 ]; then
@@ -67,6 +83,23 @@ as_root chmod 0755 "$TESTBED" "$TESTBED/bin" "$TESTBED/lib" "$TESTBED/src"
 # installed piece against this checkout anyway.
 
 # ------------------------------------------------------------------- PgBouncer
+os_codename() { . /etc/os-release && echo "$VERSION_CODENAME"; }
+
+# The Debian archive this machine's apt already uses for its own release, so that no mirror
+# host is written into the repository: from `apt-cache policy`, the URI whose release line is
+# Debian's (not Debian-Security's) for this codename.
+debian_mirror() {
+    local codename uri
+    codename=$(os_codename)
+    uri=$(apt-cache policy | awk -v want="n=$codename," '
+        $2 ~ /:\/\// { uri = $2 }
+        /release / && index($0, want) && index($0, "l=Debian,") { print uri; exit }')
+    if [ -z "$uri" ]; then
+        log "no Debian archive for $codename in apt's sources (apt-cache policy): cannot fetch PgBouncer's source"
+        exit 1
+    fi
+    echo "$uri"
+}
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
 pgb_version() { "$1" --version 2>/dev/null | sed -n 's/^[Pp]g[Bb]ouncer \([0-9][0-9.]*\).*/\1/p' | head -n 1; }
 
@@ -80,17 +113,21 @@ if [ -z "$have" ] || ! version_ge "$have" "$PGBOUNCER_MIN"; then
         log "using system PgBouncer $sysver ($sys)"
         as_root install -m 0755 "$sys" "$PGB"
     else
-        log "building PgBouncer from Debian trixie's source package (system has ${sysver:-none})"
-        if [ ! -f "$TRIXIE_SOURCES" ]; then
-            as_root tee "$TRIXIE_SOURCES" >/dev/null <<'EOF'
+        mirror=$(debian_mirror)
+        sources=$(cat <<EOF
 # Added by aws-pgbouncer scripts/provision.sh: source packages only (no binaries come
-# from trixie), to build a PgBouncer >= 1.24 on bookworm.
+# from these suites), to build a PgBouncer >= $PGBOUNCER_MIN on this release. The mirror is
+# the one this machine's apt already uses for $(os_codename).
 Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: trixie
+URIs: $mirror
+Suites: ${SOURCE_SUITES[*]}
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+)
+        if [ "$(cat "$DEBIAN_SOURCES" 2>/dev/null || true)" != "$sources" ]; then
+            printf '%s\n' "$sources" | as_root tee "$DEBIAN_SOURCES" >/dev/null
+            as_root rm -f "$OLD_TRIXIE_SOURCES"
             apt_updated=0
         fi
         apt_update
@@ -98,7 +135,18 @@ EOF
         chmod 0755 "$build"
         # apt drops privileges to _apt for downloads; let it write here.
         chown _apt "$build" 2>/dev/null || true
-        (cd "$build" && as_root apt-get source -qq --download-only pgbouncer/trixie)
+        got=
+        for suite in "${SOURCE_SUITES[@]}"; do
+            if (cd "$build" && as_root apt-get source -qq --download-only "pgbouncer/$suite" >"$build/apt.log" 2>&1); then
+                got=$suite
+                break
+            fi
+            # Seen: unstable's index lists a version whose files the mirror does not serve.
+            log "pgbouncer/$suite: source not downloadable from $mirror ($(grep -m1 -o '[0-9]\{3\} [A-Za-z ]*' "$build/apt.log" || echo "see apt-get"))"
+            rm -f "$build"/pgbouncer_*
+        done
+        [ -n "$got" ] || { log "no PgBouncer source package could be downloaded"; exit 1; }
+        log "building PgBouncer from Debian $got's source package (system has ${sysver:-none})"
         (cd "$build" && dpkg-source --no-check -x ./pgbouncer_*.dsc src >/dev/null)
         (cd "$build/src" && ./configure --prefix=/usr/local --without-cares >/dev/null \
             && make -j"$(nproc)" >/dev/null)
