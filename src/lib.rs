@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod endpoint;
 pub mod http;
 mod local_http;
+pub mod log_throttle;
 pub mod metrics;
 pub mod pgbouncer;
 pub mod relay;

@@ -216,3 +216,149 @@ users = ["app_user", "reporter"]
         .expect("the endpoint still serves after the storm");
     assert!(daemon.is_running());
 }
+
+/// Holds up to `held` connections to the unix socket `path` for `seconds`, opening at most 10
+/// new ones per 10 ms tick to replace those the server closed. Prints `opened N` as it goes.
+const UNIX_FLOOD: &str = r#"
+import select, socket, sys, time
+path, held, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+conns, opened, end, said = [], 0, time.time() + seconds, 0
+while time.time() < end:
+    if conns:
+        readable, _, _ = select.select(conns, [], [], 0)
+        for s in readable:
+            conns.remove(s)
+            s.close()
+    for _ in range(min(10, held - len(conns))):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+        except OSError as e:
+            sys.exit("connect: %s" % e)
+        conns.append(s)
+        opened += 1
+    if opened - said >= 100:
+        print("opened", opened, flush=True)
+        said = opened
+    time.sleep(0.01)
+print("opened", opened, flush=True)
+"#;
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Another local uid floods the auth endpoint's unix socket (its mode loosened, as an
+/// operator sharing it with another container might) with connections that say nothing, from
+/// before PgBouncer's first login: PgBouncer's auth connection must still get in, every
+/// application login succeeds, and the flood costs a few log lines, not one per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_uid_flooding_the_unix_endpoint_does_not_stop_pgbouncer() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    let testbed = support::Testbed::locate();
+    let intruder = testbed.intruder();
+    let standin = Standin::start();
+    let work = test_dir("hostile-unix");
+    let listen_port = free_port();
+    let settings = r#"
+mode = "auth-query"
+auth_listen = "unix:6439"
+
+[pgbouncer]
+pool_mode = "transaction"
+server_login_retry = 1
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {standin_port}
+dbname = "appdb"
+users = ["app_user", "reporter"]
+"#;
+    let mut daemon = Daemon::start_supervised(work.path(), &standin, listen_port, settings);
+    let socket = daemon.pgbouncer_dir.join(".s.PGSQL.6439");
+    for (path, mode) in [(&*daemon.pgbouncer_dir, 0o711), (&*socket, 0o666)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let (rss_before, fds_before) = (rss_kib(daemon.pid()), open_fds(daemon.pid()));
+
+    let flood_seconds = 12.0;
+    let mut flood = std::process::Command::new(&testbed.python);
+    flood
+        .args(["-c", UNIX_FLOOD])
+        .arg(&socket)
+        .args(["300", &flood_seconds.to_string()])
+        .uid(intruder.uid)
+        .gid(intruder.gid)
+        .stdout(std::process::Stdio::piped());
+    let mut flood = flood.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(flood.stdout.take().unwrap()).lines();
+    let opened = |line: &str| -> usize { line["opened ".len()..].parse().unwrap() };
+    // Logins start once the flood has opened more connections than the endpoint has slots.
+    loop {
+        let line = lines.next().expect("the flood reports").unwrap();
+        if opened(&line) >= 200 {
+            break;
+        }
+    }
+    let flood_started = Instant::now();
+
+    let tally = Tally::default();
+    let mut round = 0;
+    while flood_started.elapsed() < Duration::from_secs(8) {
+        round += 1;
+        let user = if round % 2 == 0 {
+            "app_user"
+        } else {
+            "reporter"
+        };
+        let outcome = async {
+            let client = connect(listen_port, user, "appdb").await?;
+            let current = scalar(&client, "SELECT current_user").await?;
+            (current == user).then_some(()).ok_or(current)
+        };
+        tally.record(outcome.await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (rss_during, fds_during) = (rss_kib(daemon.pid()), open_fds(daemon.pid()));
+    let total: usize = lines.map(|l| opened(&l.unwrap())).last().unwrap_or(0);
+    let status = flood.wait().unwrap();
+    assert!(status.success(), "the flood failed: {status}");
+
+    let refusal_lines = daemon.count_in_log("connection from another uid closed");
+    eprintln!(
+        "unix flood from uid {}: {total} connections; {} of {} logins succeeded; daemon RSS \
+         {rss_before} KiB before, {rss_during} KiB during; fds {fds_before} before, \
+         {fds_during} during, {} after; {refusal_lines} log lines on refusals by uid, {} on \
+         too many connections",
+        intruder.uid,
+        tally.ok(),
+        tally.ok() + tally.failures().len(),
+        open_fds(daemon.pid()),
+        daemon.count_in_log("too many connections"),
+    );
+    tally.assert_no_failures(&daemon.log());
+    assert!(tally.ok() >= 10, "only {} logins", tally.ok());
+    assert!(
+        total > 1000,
+        "the flood opened only {total} connections: it was not refused at accept"
+    );
+    // Its connections are closed at accept: nothing piles up in the daemon.
+    assert!(
+        support::wait_until(Duration::from_secs(5), || open_fds(daemon.pid())
+            <= fds_before + 4),
+        "fds: {fds_before} before, {} after",
+        open_fds(daemon.pid())
+    );
+    assert!(
+        (1..=6).contains(&refusal_lines),
+        "{refusal_lines} log lines for {total} refused connections"
+    );
+    // The flood outlasted one interval: its count was summarised.
+    daemon.wait_for_log("not logged one by one", Duration::from_secs(15));
+}

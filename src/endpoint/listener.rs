@@ -2,6 +2,7 @@
 
 use super::session::{self, Shared};
 use super::{EndpointConfig, TokenLookup, backend};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::ConnectionOutcome;
 use bytes::BytesMut;
 use std::fs;
@@ -18,8 +19,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-/// Owner read and write only. PgBouncer in another container, as another user, needs
-/// `0o660` and a group shared with it (the endpoint does not chown the socket).
+/// Owner read and write only. Whatever the mode, a peer whose uid is not the daemon's own is
+/// closed at accept ([`serve_with`]): PgBouncer must run as the daemon's uid (it must anyway,
+/// to read the 0600 files the daemon writes for it).
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// Where the endpoint listens.
@@ -154,6 +156,7 @@ pub async fn serve<L: TokenLookup>(
     };
     serve_with(
         listener,
+        "auth endpoint",
         limits.max_connections,
         limits.shutdown_grace,
         shutdown,
@@ -162,12 +165,18 @@ pub async fn serve<L: TokenLookup>(
     .await
 }
 
-/// The accept loop of [`serve`], shared with the relay: runs `session` on each accepted
-/// connection (with its peer's address and a flag that turns true at shutdown), refuses
-/// connections beyond `max_connections` with "too many clients", and on shutdown waits up
-/// to `shutdown_grace` for the sessions before cutting them off.
+/// The accept loop of [`serve`], shared with the relay (`name` says which in the log): runs
+/// `session` on each accepted connection (with its peer's address and a flag that turns true
+/// at shutdown), refuses connections beyond `max_connections` with "too many clients", and on
+/// shutdown waits up to `shutdown_grace` for the sessions before cutting them off.
+///
+/// On a unix socket, a peer whose uid (`SO_PEERCRED`) is not the daemon's own is closed at
+/// once, before it takes a slot: another local user cannot starve PgBouncer's logins however
+/// the socket's mode was set. Refusals are logged through [`LogThrottle`]s, so that a flood
+/// costs a line per interval, not one per connection.
 pub(crate) async fn serve_with<F, Fut>(
     listener: BoundListener,
+    name: &'static str,
     max_connections: usize,
     shutdown_grace: Duration,
     shutdown: impl Future<Output = ()>,
@@ -182,6 +191,11 @@ where
     let refusals_allowed = Arc::new(Semaphore::new(max_connections.max(1)));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    let too_many = LogThrottle::new(format!("{name}: too many connections"));
+    let cannot_accept = LogThrottle::new(format!("{name}: cannot accept a connection now"));
+    let foreign = LogThrottle::new(format!("{name}: connection from another uid closed"));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
     tokio::pin!(shutdown);
 
     let result = loop {
@@ -194,12 +208,26 @@ where
             Ok(accepted) => accepted,
             Err(e) if is_per_connection(&e) => continue,
             Err(e) if is_resource_exhaustion(&e) => {
-                tracing::warn!(error = %e, "cannot accept a connection now");
+                if cannot_accept.first() {
+                    tracing::warn!(listener = name, error = %e, "cannot accept a connection now");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             Err(e) => break Err(e),
         };
+        if let Some(uid) = foreign_uid(&stream, own_uid) {
+            if foreign.first() {
+                tracing::warn!(
+                    listener = name,
+                    uid,
+                    own_uid,
+                    "connection from another uid closed: only the daemon's own uid (PgBouncer's) \
+                     may connect"
+                );
+            }
+            continue;
+        }
         if let Ok(permit) = Arc::clone(&sessions_allowed).try_acquire_owned() {
             let running = session(stream, peer, stopped.clone());
             tasks.spawn(async move {
@@ -207,7 +235,14 @@ where
                 drop(permit);
             });
         } else if let Ok(permit) = Arc::clone(&refusals_allowed).try_acquire_owned() {
-            tracing::warn!(peer, max = max_connections, "too many connections");
+            if too_many.first() {
+                tracing::warn!(
+                    listener = name,
+                    peer,
+                    max = max_connections,
+                    "too many connections"
+                );
+            }
             tasks.spawn(async move {
                 match stream {
                     Stream::Tcp(s) => refuse(s).await,
@@ -252,6 +287,16 @@ async fn accept(listener: &BoundListener) -> io::Result<(Stream, String)> {
             Ok((Stream::Unix(stream), "unix".to_owned()))
         }
     }
+}
+
+/// The peer's uid when the connection is a unix socket whose peer is not `own_uid`. A peer
+/// whose credentials cannot be read counts as foreign (`u32::MAX`).
+fn foreign_uid(stream: &Stream, own_uid: u32) -> Option<u32> {
+    let Stream::Unix(unix) = stream else {
+        return None;
+    };
+    let uid = unix.peer_cred().map_or(u32::MAX, |cred| cred.uid());
+    (uid != own_uid).then_some(uid)
 }
 
 /// Errors that concern only the connection being accepted.

@@ -198,6 +198,7 @@ pub async fn serve(
         move |stream, peer, stopped| session::run(Arc::clone(&shared), stream, peer, stopped);
     serve_with(
         listener,
+        "relay",
         limits.max_connections,
         limits.shutdown_grace,
         shutdown,
