@@ -17,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod endpoint;
+pub mod fd_limit;
 pub mod http;
 mod local_http;
 pub mod log_throttle;

@@ -20,6 +20,11 @@ async fn main() -> ExitCode {
         Command::Shutdown(args) => aws_pgbouncer::shutdown::run(&args).await,
         Command::Run(args) => {
             aws_pgbouncer::daemon::init_logging(args.log_format);
+            // Before any listener opens; the listeners are sized to what this leaves.
+            match aws_pgbouncer::fd_limit::raise_soft_to_hard() {
+                Ok(soft) => tracing::debug!(soft, "RLIMIT_NOFILE raised to the hard limit"),
+                Err(error) => tracing::warn!(%error, "cannot raise RLIMIT_NOFILE"),
+            }
             let outcome = aws_pgbouncer::daemon::run(&args).await;
             match &outcome {
                 Outcome::Failed(message) | Outcome::PgBouncerExited(message) => {

@@ -17,7 +17,7 @@ use crate::backoff;
 use crate::cli::Mode;
 use crate::config::{Database, LocalListen, Settings};
 use crate::endpoint::{
-    BoundListener, DEFAULT_SOCKET_MODE, EndpointConfig, Limits, Listen, Lookup, TokenLookup,
+    BoundListener, DEFAULT_SOCKET_MODE, EndpointConfig, Listen, Lookup, TokenLookup,
     self_signed_tls,
 };
 use crate::metrics::{AuthQueryResult, Metrics};
@@ -70,12 +70,23 @@ impl AuthQueryMode {
             Listen::Unix { .. } => None,
         };
         let listener = endpoint.bind("auth endpoint").await?;
+        let (endpoint_limits, relay_limits) =
+            crate::fd_limit::fitted_limits(settings.mode == Mode::Passthrough);
         let (answer, route, server_tls_mode, server_ca_file) = match settings.mode {
             Mode::Passthrough => {
                 let relay = LocalAddress::of(&settings.relay_listen, dir);
                 let secret = load_or_create_secret(dir, RELAY_SECRET_FILE)
                     .map_err(|error| error.to_string())?;
-                start_relay(settings, &relay, secret.clone(), source, metrics, stopped()).await?;
+                start_relay(
+                    settings,
+                    &relay,
+                    secret.clone(),
+                    relay_limits,
+                    source,
+                    metrics,
+                    stopped(),
+                )
+                .await?;
                 // PgBouncer talks only to the daemon, on loopback or a unix socket; the
                 // relay does the TLS towards RDS. `prefer` still takes the endpoint's TLS.
                 let route = Some((relay.host, relay.port));
@@ -109,7 +120,7 @@ impl AuthQueryMode {
         let config = Arc::new(EndpointConfig {
             auth_user: render::AUTH_USER.to_owned(),
             auth_secret: auth_secret.clone(),
-            limits: Limits::default(),
+            limits: endpoint_limits,
             tls,
             metrics: Some(metrics.clone()),
         });
@@ -260,6 +271,7 @@ async fn start_relay(
     settings: &Settings,
     address: &LocalAddress,
     secret: SecretString,
+    limits: RelayLimits,
     source: &Arc<TokenSource>,
     metrics: &Arc<Metrics>,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
@@ -286,7 +298,7 @@ async fn start_relay(
         peer_uid: None,
         upstream_tls: upstream_tls(ca_file)?,
         targets,
-        limits: RelayLimits::default(),
+        limits,
         metrics: Some(metrics.clone()),
     });
     let listener = address.bind("relay").await?;
