@@ -118,11 +118,10 @@ async fn run_with(
     args: &RunArgs,
     mut signals: Signals,
 ) -> Result<Outcome, String> {
-    prepare_dir(&settings.pgbouncer_dir).map_err(|error| error.to_string())?;
-    let dir = settings
-        .pgbouncer_dir
+    let dir = prepare_dir(&settings.pgbouncer_dir).map_err(|error| error.to_string())?;
+    let dir = dir
         .canonicalize()
-        .map_err(|error| format!("{}: {error}", settings.pgbouncer_dir.display()))?;
+        .map_err(|error| format!("{}: {error}", dir.display()))?;
     let admin_secret =
         load_or_create_secret(&dir, ADMIN_SECRET_FILE).map_err(|error| error.to_string())?;
     let http_listener = tokio::net::TcpListener::bind(&args.http_listen)

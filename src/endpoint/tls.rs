@@ -13,9 +13,6 @@ use rcgen::{
 };
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -56,9 +53,11 @@ pub fn self_signed_tls(dir: &Path) -> Result<(Arc<ServerConfig>, PathBuf), Strin
         .signed_by(&server_key, &issuer)
         .map_err(|e| format!("signing the server certificate: {e}"))?;
 
+    // Through a temporary file and a rename, so that a reader (PgBouncer's RELOAD, the
+    // daemon's bundle assembly) never sees half a certificate.
+    crate::pgbouncer::files::write_public_atomically(dir, CA_FILE_NAME, ca_cert.pem().as_bytes())
+        .map_err(|e| e.to_string())?;
     let ca_path = dir.join(CA_FILE_NAME);
-    write_public(&ca_path, ca_cert.pem().as_bytes())
-        .map_err(|e| format!("writing {}: {e}", ca_path.display()))?;
 
     // An explicit provider: the dependency tree may enable more than one rustls backend, and
     // then the process-wide default is ambiguous.
@@ -73,26 +72,10 @@ pub fn self_signed_tls(dir: &Path) -> Result<(Arc<ServerConfig>, PathBuf), Strin
     Ok((Arc::new(config), ca_path))
 }
 
-/// Writes through a temporary file and a rename, so that a reader (PgBouncer's RELOAD, the
-/// daemon's bundle assembly) never sees half a certificate.
-fn write_public(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("pem.tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    // The mode given to open() is filtered by the umask; the CA certificate is public.
-    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

@@ -83,6 +83,15 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+impl RunAs {
+    /// `sh -c script` as this user, waited for; panics with its output if it fails.
+    pub fn sh(&self, script: &str) -> Output {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script).uid(self.uid).gid(self.gid);
+        run_checked(&mut cmd, &format!("sh as {}: {script}", self.name))
+    }
+}
+
 fn missing(why: &str) -> ! {
     panic!(
         "test bed missing: run scripts/provision.sh (as root or with sudo). {why}. \
