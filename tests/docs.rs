@@ -174,3 +174,25 @@ fn the_readme_toml_keys_are_the_config_files() {
         "README's [[databases]] keys {in_readme:?} vs the config file's {per_database:?}"
     );
 }
+
+#[test]
+fn the_readme_documents_every_command() {
+    let output = command(None).arg("--help").output().unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .collect();
+    assert!(commands.len() >= 5, "{commands:?}");
+    let readme = std::fs::read_to_string(support::repo_root().join("README.md")).unwrap();
+    for name in commands {
+        assert!(
+            readme.contains(&format!("`aws-pgbouncer {name}")),
+            "README does not show `aws-pgbouncer {name} ...`"
+        );
+    }
+}
