@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::client::{Tally, connect, scalar};
 use support::daemon::Daemon;
+use support::flood::{self, Flood};
 use support::{Standin, free_port, test_dir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -217,33 +218,6 @@ users = ["app_user", "reporter"]
     assert!(daemon.is_running());
 }
 
-/// Holds up to `held` connections to the unix socket `path` for `seconds`, opening at most 10
-/// new ones per 10 ms tick to replace those the server closed. Prints `opened N` as it goes.
-const UNIX_FLOOD: &str = r#"
-import select, socket, sys, time
-path, held, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-conns, opened, end, said = [], 0, time.time() + seconds, 0
-while time.time() < end:
-    if conns:
-        readable, _, _ = select.select(conns, [], [], 0)
-        for s in readable:
-            conns.remove(s)
-            s.close()
-    for _ in range(min(10, held - len(conns))):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-        except OSError as e:
-            sys.exit("connect: %s" % e)
-        conns.append(s)
-        opened += 1
-    if opened - said >= 100:
-        print("opened", opened, flush=True)
-        said = opened
-    time.sleep(0.01)
-print("opened", opened, flush=True)
-"#;
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -256,12 +230,8 @@ fn open_fds(pid: u32) -> usize {
 /// application login succeeds, and the flood costs a few log lines, not one per connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_uid_flooding_the_unix_endpoint_does_not_stop_pgbouncer() {
-    use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
 
-    let testbed = support::Testbed::locate();
-    let intruder = testbed.intruder();
     let standin = Standin::start();
     let work = test_dir("hostile-unix");
     let listen_port = free_port();
@@ -287,25 +257,10 @@ users = ["app_user", "reporter"]
     }
     let (rss_before, fds_before) = (rss_kib(daemon.pid()), open_fds(daemon.pid()));
 
-    let flood_seconds = 12.0;
-    let mut flood = std::process::Command::new(&testbed.python);
-    flood
-        .args(["-c", UNIX_FLOOD])
-        .arg(&socket)
-        .args(["300", &flood_seconds.to_string()])
-        .uid(intruder.uid)
-        .gid(intruder.gid)
-        .stdout(std::process::Stdio::piped());
-    let mut flood = flood.spawn().unwrap();
-    let mut lines = std::io::BufReader::new(flood.stdout.take().unwrap()).lines();
-    let opened = |line: &str| -> usize { line["opened ".len()..].parse().unwrap() };
+    let socket_target = format!("unix:{}", socket.display());
+    let mut flood = Flood::start(&socket_target, 300, 12.0, flood::Kind::Idle);
     // Logins start once the flood has opened more connections than the endpoint has slots.
-    loop {
-        let line = lines.next().expect("the flood reports").unwrap();
-        if opened(&line) >= 200 {
-            break;
-        }
-    }
+    flood.wait_opened(200);
     let flood_started = Instant::now();
 
     let tally = Tally::default();
@@ -326,17 +281,14 @@ users = ["app_user", "reporter"]
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (rss_during, fds_during) = (rss_kib(daemon.pid()), open_fds(daemon.pid()));
-    let total: usize = lines.map(|l| opened(&l.unwrap())).last().unwrap_or(0);
-    let status = flood.wait().unwrap();
-    assert!(status.success(), "the flood failed: {status}");
+    let total = flood.finish();
 
     let refusal_lines = daemon.count_in_log("connection from another uid closed");
     eprintln!(
-        "unix flood from uid {}: {total} connections; {} of {} logins succeeded; daemon RSS \
+        "unix flood from another uid: {total} connections; {} of {} logins succeeded; daemon RSS \
          {rss_before} KiB before, {rss_during} KiB during; fds {fds_before} before, \
          {fds_during} during, {} after; {refusal_lines} log lines on refusals by uid, {} on \
          too many connections",
-        intruder.uid,
         tally.ok(),
         tally.ok() + tally.failures().len(),
         open_fds(daemon.pid()),

@@ -1,6 +1,8 @@
 //! The probe and metrics server, spoken to over real sockets, and `aws-pgbouncer wait`
 //! against it.
 
+mod support;
+
 use aws_pgbouncer::config::Database;
 use aws_pgbouncer::http::{Probes, Readiness, serve};
 use aws_pgbouncer::metrics::Metrics;
@@ -9,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use support::flood::{self, Flood};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, oneshot};
@@ -438,4 +441,60 @@ async fn a_silent_client_is_cut_off() {
     assert!(read.is_ok());
     // The server still serves others.
     assert_eq!(status(server.addr, "/healthz").await, 200);
+}
+
+/// One probe as the kubelet sends it (default `timeoutSeconds: 1`): true if `/healthz`
+/// answered 200 within a second.
+async fn probe(addr: SocketAddr) -> bool {
+    let answered = async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        Some(response.starts_with("HTTP/1.1 200"))
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(1), answered).await;
+    answer.ok().flatten().unwrap_or(false)
+}
+
+/// Another local uid holds 600 connections to the HTTP server, half idle and half sending a
+/// request one byte a second, replacing each one closed. The server runs on one thread, as in
+/// the daemon. At least 19 of 20 probes must be answered (the kubelet restarts the daemon
+/// after `failureThreshold` failures, dropping every relayed session).
+#[tokio::test]
+async fn healthz_answers_while_600_idle_and_slowloris_connections_are_held() {
+    let server = start().await;
+    let target = format!("tcp:{}", server.addr);
+    let floods = tokio::task::spawn_blocking(move || {
+        let mut floods = [
+            Flood::start(&target, 300, 10.0, flood::Kind::Idle),
+            Flood::start(&target, 300, 10.0, flood::Kind::Slowloris),
+        ];
+        for flood in &mut floods {
+            flood.wait_opened(300);
+        }
+        floods
+    })
+    .await
+    .unwrap();
+
+    let mut answered = 0;
+    for _ in 0..20 {
+        if probe(server.addr).await {
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut floods = floods;
+        floods.iter_mut().map(Flood::finish).sum::<usize>()
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "/healthz under a flood of 600 held connections ({opened} opened): {answered} of 20 probes answered"
+    );
+    assert!(answered >= 19, "{answered} of 20 probes answered");
+    assert!(opened >= 600, "the flood opened only {opened} connections");
 }

@@ -10,6 +10,7 @@ mod quit;
 
 pub use quit::PATH as QUIT_PATH;
 
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{self, Metrics};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,6 +20,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,14 +28,17 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 /// A client that has not sent its request headers by then is cut off.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Scrapers and probes reuse connections; none needs one for longer than this.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-/// Beyond this many open connections new ones are closed at once, so that a misbehaving
-/// client cannot exhaust the daemon's file descriptors.
+/// At most this many connections are open, so that a misbehaving client cannot exhaust the
+/// daemon's file descriptors. A new connection beyond it closes the oldest one: probes and
+/// scrapes are answered in their first moments, so under a flood of connections that send
+/// nothing (or send slowly) the oldest is one of the flood's, and the kubelet's next probe
+/// still gets in. Refusing the new one instead let 600 held connections starve `/healthz`.
 const MAX_CONNECTIONS: usize = 64;
 /// Request heads are a few hundred bytes; hyper's minimum buffer is 8 KiB.
 const MAX_BUF_SIZE: usize = 8 * 1024;
@@ -73,6 +78,12 @@ pub async fn serve(
         .max_buf_size(MAX_BUF_SIZE);
     let builder = Arc::new(builder);
     let mut connections = JoinSet::new();
+    // The open connections' tasks, oldest first.
+    let mut open: VecDeque<AbortHandle> = VecDeque::new();
+    let accept_failed = LogThrottle::new("HTTP server: accept failed");
+    let oldest_closed = LogThrottle::new(format!(
+        "HTTP server: {MAX_CONNECTIONS} connections open, the oldest closed for a new one"
+    ));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -84,19 +95,30 @@ pub async fn serve(
                     Err(error) => {
                         // Running out of file descriptors is the usual cause; pausing lets
                         // other connections end instead of spinning on the error.
-                        tracing::warn!(%error, "HTTP server: accept failed");
+                        if accept_failed.first() {
+                            tracing::warn!(%error, "HTTP server: accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
-                if connections.len() >= MAX_CONNECTIONS {
-                    continue;
+                open.retain(|task| !task.is_finished());
+                if open.len() >= MAX_CONNECTIONS
+                    && let Some(oldest) = open.pop_front()
+                {
+                    oldest.abort();
+                    if oldest_closed.first() {
+                        tracing::warn!(
+                            max = MAX_CONNECTIONS,
+                            "HTTP server: too many connections; closing the oldest for each new one"
+                        );
+                    }
                 }
                 let builder = Arc::clone(&builder);
                 let probes = Arc::clone(&probes);
                 let metrics = Arc::clone(&metrics);
                 let quit = quit.clone();
-                connections.spawn(async move {
+                open.push_back(connections.spawn(async move {
                     let service = service_fn(move |request| {
                         let response =
                             respond(&request, peer, probes.as_ref(), &metrics, quit.as_deref());
@@ -105,7 +127,7 @@ pub async fn serve(
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     // Errors here are clients that went away or sent garbage: nothing to do.
                     let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-                });
+                }));
             }
         }
     }

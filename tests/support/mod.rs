@@ -14,6 +14,7 @@
 pub mod client;
 pub mod credentials_server;
 pub mod daemon;
+pub mod flood;
 
 use std::collections::HashSet;
 use std::ffi::CString;
