@@ -132,3 +132,172 @@ fn a_private_subdirectory_planted_by_another_user_stops_the_daemon() {
     );
     assert!(!log.contains(PLANTED_SECRET), "{log}");
 }
+
+/// A fake PostgreSQL server that asks every client for a password by `argv[2]` (`cleartext`
+/// or `md5`) and prints what it gets back, hex-encoded.
+const SQUATTER: &str = r#"
+import socket, struct, sys
+port, method = int(sys.argv[1]), sys.argv[2]
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", port))
+listener.listen(16)
+print("listening", flush=True)
+def read_exact(conn, n):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+while True:
+    conn, _ = listener.accept()
+    conn.settimeout(3)
+    try:
+        while True:
+            length = struct.unpack("!I", read_exact(conn, 4))[0]
+            body = read_exact(conn, length - 4)
+            if struct.unpack("!I", body[:4])[0] == 80877103:
+                conn.sendall(b"N")
+                continue
+            break
+        if method == "cleartext":
+            conn.sendall(b"R" + struct.pack("!II", 8, 3))
+        else:
+            conn.sendall(b"R" + struct.pack("!II", 12, 5) + b"salt")
+        print("asked", flush=True)
+        received = b""
+        try:
+            while True:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+        except socket.timeout:
+            pass
+        print("received [" + received.hex() + "]", flush=True)
+    except Exception as error:
+        print("error", error, flush=True)
+    finally:
+        conn.close()
+"#;
+
+/// The squatter, as the intruder, on 127.0.0.1:`port`; its output goes to `work/squatter.log`.
+fn start_squatter(work: &Path, port: u16, method: &str) -> (support::ChildGuard, PathBuf) {
+    let intruder = Testbed::locate().intruder();
+    let script = work.join("squatter.py");
+    write_file(&script, SQUATTER, 0o644);
+    let log = work.join("squatter.log");
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.arg(&script).arg(port.to_string()).arg(method);
+    std::os::unix::process::CommandExt::uid(&mut cmd, intruder.uid);
+    std::os::unix::process::CommandExt::gid(&mut cmd, intruder.gid);
+    support::log_output_to(&mut cmd, &log);
+    let guard = support::ChildGuard::spawn(cmd, "squatter");
+    let listening = support::wait_until(Duration::from_secs(10), || {
+        fs::read_to_string(&log).is_ok_and(|text| text.contains("listening"))
+    });
+    assert!(
+        listening,
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    (guard, log)
+}
+
+/// The daemon without PgBouncer (two-container mode before PgBouncer is up), in config mode,
+/// with `[pgbouncer]` settings `pgbouncer`, PgBouncer's port held by a squatter.
+fn start_beside_squatter(work: &Path, listen_port: u16, pgbouncer: &str) -> Daemon {
+    let config = work.join("aws-pgbouncer.toml");
+    write_file(&config, &format!("[pgbouncer]\n{pgbouncer}"), 0o644);
+    let listen = format!("127.0.0.1:{listen_port}");
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--host",
+        "db.example.internal",
+        "--dbname",
+        "appdb",
+        "--user",
+        "app_user",
+        "--region",
+        "eu-west-1",
+        "--server-tls-mode",
+        "require",
+        "--listen",
+        &listen,
+    ];
+    let creds = support::Creds::new("AKIDEXAMPLE", "not-a-real-secret", None);
+    Daemon::start(work, &creds, &args)
+}
+
+fn squatter_saw_no_secret(work: &Path, log: &Path, method: &str) {
+    let text = fs::read_to_string(log).unwrap();
+    assert!(text.contains("asked"), "the daemon never came: {text}");
+    let secret = fs::read_to_string(work.join("pgbouncer/admin-secret")).unwrap();
+    for line in text.lines().filter(|line| line.starts_with("received")) {
+        assert_eq!(line, "received []", "{method}: the daemon answered: {text}");
+    }
+    let secret_hex: String = secret.trim().bytes().map(|b| format!("{b:02x}")).collect();
+    assert!(!text.contains(&secret_hex));
+}
+
+#[test]
+fn a_squatter_asking_for_a_cleartext_or_md5_password_gets_no_secret() {
+    for (method, why) in [
+        (
+            "cleartext",
+            "asked for the password in cleartext, not SCRAM-SHA-256",
+        ),
+        ("md5", "asked for an MD5 password hash, not SCRAM-SHA-256"),
+    ] {
+        let work = test_dir("squat-admin");
+        let listen_port = free_port();
+        let (_squatter, log) = start_squatter(work.path(), listen_port, method);
+        // PgBouncer without its unix socket: the console is reached over TCP.
+        let mut daemon =
+            start_beside_squatter(work.path(), listen_port, "unix_socket_dir = \"\"\n");
+        let answered = support::wait_until(Duration::from_secs(30), || {
+            fs::read_to_string(&log).is_ok_and(|text| text.contains("received"))
+        });
+        assert!(answered, "{}", fs::read_to_string(&log).unwrap());
+        squatter_saw_no_secret(work.path(), &log, method);
+        daemon.wait_for_log(why, Duration::from_secs(30));
+        assert!(daemon.log().contains("the admin secret was not sent"));
+    }
+}
+
+#[test]
+fn the_admin_console_is_reached_through_pgbouncers_socket_in_the_daemons_directory() {
+    let work = test_dir("squat-socket");
+    let listen_port = free_port();
+    let (_squatter, log) = start_squatter(work.path(), listen_port, "cleartext");
+    let mut daemon = start_beside_squatter(work.path(), listen_port, "");
+    let socket = work
+        .path()
+        .join(format!("pgbouncer/.s.PGSQL.{listen_port}"))
+        .display()
+        .to_string();
+    // Past the first quiet attempts, the daemon says where it looked.
+    let looked_at_socket = format!(
+        "admin console is not answering yet error=cannot reach PgBouncer's admin console at \
+         {socket}"
+    );
+    support::wait_until(Duration::from_secs(30), || {
+        daemon.log().contains(&looked_at_socket)
+            || fs::read_to_string(&log).is_ok_and(|text| text.contains("asked"))
+    });
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("asked"),
+        "the daemon went to the TCP port: {text}"
+    );
+    daemon.wait_for_log(&looked_at_socket, Duration::from_secs(1));
+    let ini = fs::read_to_string(work.path().join("pgbouncer/pgbouncer.ini")).unwrap();
+    let dir = work.path().join("pgbouncer");
+    assert!(
+        ini.contains(&format!("unix_socket_dir = {}\n", dir.display())),
+        "{ini}"
+    );
+}

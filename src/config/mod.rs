@@ -185,6 +185,19 @@ impl Settings {
             DEFAULT_RELAY_LISTEN,
             false,
         )?;
+        for local in [&auth_listen, &relay_listen] {
+            if *local
+                == (LocalListen::Unix {
+                    port: listen.port(),
+                })
+            {
+                return Err(format!(
+                    "unix:{} is PgBouncer's own socket in the directory (its listen port); \
+                     pick another port for the auth endpoint or the relay",
+                    listen.port()
+                ));
+            }
+        }
         let pgbouncer_settings = file
             .pgbouncer
             .into_iter()

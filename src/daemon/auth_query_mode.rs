@@ -21,14 +21,14 @@ use crate::endpoint::{
     self_signed_tls,
 };
 use crate::metrics::{AuthQueryResult, Metrics};
-use crate::pgbouncer::admin::AdminConsole;
+use crate::pgbouncer::admin::{AdminConsole, reachable_ip};
 use crate::pgbouncer::files::{load_or_create_secret, write_atomically};
 use crate::pgbouncer::render::{self, PGBOUNCER_INI};
 use crate::relay::{Limits as RelayLimits, RelayConfig, Upstream, upstream_tls};
 use crate::token::{TokenKey, TokenSource};
 use secrecy::SecretString;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -168,7 +168,11 @@ impl AuthQueryMode {
 
         let refresher = (settings.mode == Mode::AuthQuery).then(|| {
             Arc::new(PoolRefresher {
-                console: tokio::sync::Mutex::new(AdminConsole::new(settings.listen, admin_secret)),
+                console: tokio::sync::Mutex::new(AdminConsole::new(
+                    settings.listen,
+                    render::pgbouncer_socket_dir(settings, dir).as_deref(),
+                    admin_secret,
+                )),
                 pgbouncer: reachable_ip(settings.listen),
                 pgbouncer_port: settings.listen.port(),
                 databases: settings.databases.clone(),
@@ -204,15 +208,6 @@ impl AuthQueryMode {
 
     pub fn credentials_expiry(&self) -> Option<SystemTime> {
         *self.lookup.credentials_expiry.lock().expect("lookup lock")
-    }
-}
-
-/// A wildcard listen address is reached over loopback.
-fn reachable_ip(addr: SocketAddr) -> IpAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
     }
 }
 

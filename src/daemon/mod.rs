@@ -187,7 +187,11 @@ async fn run_with(
     metrics.set_credentials_expiry(mode.credentials_expiry());
 
     let reloader = Reloader::spawn(
-        AdminConsole::new(settings.listen, &admin_secret),
+        AdminConsole::new(
+            settings.listen,
+            crate::pgbouncer::render::pgbouncer_socket_dir(&settings, &dir).as_deref(),
+            &admin_secret,
+        ),
         state.clone(),
         metrics.clone(),
     );

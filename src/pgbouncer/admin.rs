@@ -5,20 +5,34 @@
 //! restart costs one failed attempt, not a stuck daemon.
 
 use super::render::ADMIN_USER;
+use super::scram_only::{Refusal, ScramOnly};
 use secrecy::{ExposeSecret, SecretString};
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("cannot reach PgBouncer's admin console at {addr}: {source}")]
+    #[error("cannot reach PgBouncer's admin console at {at}: {source}")]
     Connect {
-        addr: SocketAddr,
+        at: ConsoleAddress,
         source: tokio_postgres::Error,
     },
+    #[error("cannot reach PgBouncer's admin console at {at}: {source}")]
+    Unreachable {
+        at: ConsoleAddress,
+        source: std::io::Error,
+    },
+    #[error(
+        "refused to log in to PgBouncer's admin console at {at}: {why}; the admin secret was \
+         not sent (is something other than PgBouncer listening there?)"
+    )]
+    NotScram { at: ConsoleAddress, why: String },
     #[error("PgBouncer's admin console refused {command}: {source}")]
     Command {
         command: &'static str,
@@ -28,32 +42,46 @@ pub enum AdminError {
     NoAnswer(&'static str),
 }
 
+/// Where the console is reached: PgBouncer's unix socket in the daemon's own directory, where
+/// no other user can listen, or else its TCP address.
+#[derive(Debug, Clone)]
+pub enum ConsoleAddress {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ConsoleAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConsoleAddress::Tcp(addr) => write!(f, "{addr}"),
+            ConsoleAddress::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 pub struct AdminConsole {
-    addr: SocketAddr,
+    at: ConsoleAddress,
     config: tokio_postgres::Config,
     client: Option<tokio_postgres::Client>,
 }
 
 impl AdminConsole {
     /// `listen` is PgBouncer's listen address; a wildcard address is reached over loopback.
-    pub fn new(listen: SocketAddr, secret: &SecretString) -> Self {
-        let ip = match listen.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
+    /// `socket_dir`, if any, is where PgBouncer also listens on a unix socket, which is used
+    /// instead.
+    pub fn new(listen: SocketAddr, socket_dir: Option<&Path>, secret: &SecretString) -> Self {
+        let at = match socket_dir {
+            Some(dir) => ConsoleAddress::Unix(dir.join(format!(".s.PGSQL.{}", listen.port()))),
+            None => ConsoleAddress::Tcp(SocketAddr::new(reachable_ip(listen), listen.port())),
         };
-        let addr = SocketAddr::new(ip, listen.port());
         let mut config = tokio_postgres::Config::new();
         config
-            .host(ip.to_string())
-            .port(addr.port())
             .user(ADMIN_USER)
             .password(secret.expose_secret())
             .dbname("pgbouncer")
-            .application_name("aws-pgbouncer")
-            .connect_timeout(CONNECT_TIMEOUT);
+            .application_name("aws-pgbouncer");
         Self {
-            addr,
+            at,
             config,
             client: None,
         }
@@ -108,20 +136,70 @@ impl AdminConsole {
     }
 
     async fn connect(&self) -> Result<tokio_postgres::Client, AdminError> {
-        let (client, connection) =
-            self.config
-                .connect(NoTls)
+        let unreachable = |source| AdminError::Unreachable {
+            at: self.at.clone(),
+            source,
+        };
+        let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+        match &self.at {
+            ConsoleAddress::Tcp(addr) => {
+                let stream =
+                    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                        .await
+                        .map_err(|_| unreachable(timed_out()))?
+                        .map_err(unreachable)?;
+                self.log_in(stream).await
+            }
+            ConsoleAddress::Unix(path) => {
+                let stream =
+                    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(path))
+                        .await
+                        .map_err(|_| unreachable(timed_out()))?
+                        .map_err(unreachable)?;
+                self.log_in(stream).await
+            }
+        }
+    }
+
+    /// Logs in over `stream`, answering only a SCRAM request (see [`ScramOnly`]).
+    async fn log_in<S>(&self, stream: S) -> Result<tokio_postgres::Client, AdminError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let refusal = Refusal::default();
+        let guarded = ScramOnly::new(stream, refusal.clone());
+        let connected =
+            tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect_raw(guarded, NoTls))
                 .await
-                .map_err(|source| AdminError::Connect {
-                    addr: self.addr,
-                    source,
+                .map_err(|_| AdminError::Unreachable {
+                    at: self.at.clone(),
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
                 })?;
+        let (client, connection) = connected.map_err(|source| match refusal.take() {
+            Some(why) => AdminError::NotScram {
+                at: self.at.clone(),
+                why,
+            },
+            None => AdminError::Connect {
+                at: self.at.clone(),
+                source,
+            },
+        })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "admin console connection ended");
             }
         });
         Ok(client)
+    }
+}
+
+/// A wildcard listen address is reached over loopback.
+pub fn reachable_ip(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
     }
 }
 

@@ -4,4 +4,5 @@
 pub mod admin;
 pub mod files;
 pub mod render;
+pub mod scram_only;
 pub mod supervise;

@@ -10,7 +10,7 @@ use crate::config::{AUTH_DATABASE_PREFIX, Client, Database, Settings};
 use crate::token::AuthToken;
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The daemon's own admin-console user. Only it may RELOAD, PAUSE or SHUTDOWN PgBouncer.
 pub const ADMIN_USER: &str = "aws_pgbouncer_admin";
@@ -35,6 +35,17 @@ pub struct ServerTls<'a> {
     pub ca_file: Option<&'a Path>,
 }
 
+/// Where PgBouncer's unix socket is: the daemon's own directory, where no other user can
+/// listen first, unless `[pgbouncer] unix_socket_dir` says otherwise (then the daemon uses
+/// TCP for the admin console).
+pub fn pgbouncer_socket_dir(settings: &Settings, dir: &Path) -> Option<PathBuf> {
+    let overridden = settings
+        .pgbouncer_settings
+        .iter()
+        .any(|(key, _)| key == "unix_socket_dir");
+    (!overridden).then(|| dir.to_owned())
+}
+
 pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>) -> String {
     let mut ini = String::from(HEADER);
     ini.push_str("[pgbouncer]\n");
@@ -47,6 +58,9 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>)
     set("auth_hba_file", &dir.join(HBA).display().to_string());
     set("auth_file", &dir.join(USERLIST).display().to_string());
     set("admin_users", ADMIN_USER);
+    if let Some(socket_dir) = pgbouncer_socket_dir(settings, dir) {
+        set("unix_socket_dir", &socket_dir.display().to_string());
+    }
     set("server_tls_sslmode", server_tls.mode);
     if let Some(ca_file) = server_tls.ca_file {
         set("server_tls_ca_file", &ca_file.display().to_string());
