@@ -314,3 +314,158 @@ users = ["app_user", "reporter"]
     // The flood outlasted one interval: its count was summarised.
     daemon.wait_for_log("not logged one by one", Duration::from_secs(15));
 }
+
+/// What one run of [`logins_under_a_tcp_flood`] saw.
+struct FloodRun {
+    opened: usize,
+    logins: Tally,
+    rss_kib: (u64, u64),
+    fds: (usize, usize, usize),
+    log: String,
+}
+
+/// Starts a supervised daemon with `settings`, then floods `127.0.0.1:flood_port` from
+/// another uid with `held` connections that say nothing (from before PgBouncer's first
+/// login), and logs in through PgBouncer every 200 ms for 8 s. With `relogin`, each login
+/// first kills the user's idle server connections, so that PgBouncer must open a new one
+/// (through the flooded listener) for it.
+async fn logins_under_a_tcp_flood(
+    settings: &str,
+    flood_port: u16,
+    held: usize,
+    relogin: bool,
+) -> FloodRun {
+    let standin = Standin::start();
+    let work = test_dir("hostile-tcp");
+    let listen_port = free_port();
+    let daemon = Daemon::start_supervised(work.path(), &standin, listen_port, settings);
+    let rss_before = rss_kib(daemon.pid());
+    let fds_before = open_fds(daemon.pid());
+    let mut flood = Flood::start(
+        &format!("tcp:127.0.0.1:{flood_port}"),
+        held,
+        12.0,
+        flood::Kind::Idle,
+    );
+    flood.wait_opened(held);
+
+    let logins = Tally::default();
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        round += 1;
+        let user = if round % 2 == 0 {
+            "app_user"
+        } else {
+            "reporter"
+        };
+        if relogin {
+            support::client::kill_idle_backends(&standin, user);
+        }
+        let outcome = async {
+            let client = connect(listen_port, user, "appdb").await?;
+            let current = scalar(&client, "SELECT current_user").await?;
+            (current == user).then_some(()).ok_or(current)
+        };
+        logins.record(outcome.await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rss_during = rss_kib(daemon.pid());
+    let fds_during = open_fds(daemon.pid());
+    let opened = flood.finish();
+    // Once the flood has gone, its connections go too.
+    support::wait_until(Duration::from_secs(15), || {
+        open_fds(daemon.pid()) <= fds_before + 8
+    });
+    FloodRun {
+        opened,
+        logins,
+        rss_kib: (rss_before, rss_during),
+        fds: (fds_before, fds_during, open_fds(daemon.pid())),
+        log: daemon.log(),
+    }
+}
+
+fn report(what: &str, run: &FloodRun) -> String {
+    let total = run.logins.ok() + run.logins.failures().len();
+    let line = format!(
+        "{what}: {} connections; {} of {total} logins succeeded; daemon RSS {} KiB before, {} \
+         KiB during; fds {} before, {} during, {} after",
+        run.opened,
+        run.logins.ok(),
+        run.rss_kib.0,
+        run.rss_kib.1,
+        run.fds.0,
+        run.fds.1,
+        run.fds.2
+    );
+    eprintln!("{line}");
+    line
+}
+
+/// The auth endpoint on loopback TCP (where no uid can be checked): another uid holds 300
+/// connections that say nothing, more than the endpoint's 64 slots, from before PgBouncer's
+/// first login. Each new connection beyond the slots closes the oldest one that has not
+/// logged in, so PgBouncer's auth connection gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_flood_on_the_auth_endpoint_slows_pgbouncer_down_but_does_not_stop_it() {
+    let auth_port = free_port();
+    let settings = format!(
+        r#"
+mode = "auth-query"
+auth_listen = "127.0.0.1:{auth_port}"
+
+[pgbouncer]
+pool_mode = "transaction"
+server_login_retry = 1
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {{standin_port}}
+dbname = "appdb"
+users = ["app_user", "reporter"]
+"#
+    );
+    let run = logins_under_a_tcp_flood(&settings, auth_port, 300, false).await;
+    let line = report("TCP flood on the auth endpoint", &run);
+    assert!(run.logins.ok() >= 10, "{line}\n{}", run.log);
+    run.logins.assert_no_failures(&run.log);
+    assert!(
+        run.opened > 600,
+        "the flood's connections were not closed: {line}"
+    );
+    assert!(run.fds.2 <= run.fds.0 + 8, "{line}");
+}
+
+/// The relay on loopback TCP: another uid holds 1,100 connections that say nothing, more than
+/// the relay's 512 slots, while every application login needs a new server connection
+/// through the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_flood_on_the_relay_slows_pgbouncer_down_but_does_not_stop_it() {
+    let relay_port = free_port();
+    let settings = format!(
+        r#"
+mode = "passthrough"
+relay_listen = "127.0.0.1:{relay_port}"
+auth_listen = "unix"
+
+[pgbouncer]
+pool_mode = "transaction"
+server_login_retry = 1
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {{standin_port}}
+dbname = "appdb"
+users = ["app_user", "reporter"]
+"#
+    );
+    let run = logins_under_a_tcp_flood(&settings, relay_port, 1100, true).await;
+    let line = report("TCP flood on the relay", &run);
+    // Each round waits for the stand-in to end the idle server connections: fewer rounds.
+    assert!(run.logins.ok() >= 5, "{line}\n{}", run.log);
+    run.logins.assert_no_failures(&run.log);
+    assert!(run.fds.2 <= run.fds.0 + 8, "{line}");
+}

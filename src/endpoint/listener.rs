@@ -1,5 +1,6 @@
 //! Binding the endpoint's socket and running its sessions.
 
+use super::pre_auth::{PreAuth, PreAuthSet};
 use super::session::{self, Shared};
 use super::{EndpointConfig, TokenLookup, backend};
 use crate::log_throttle::LogThrottle;
@@ -136,7 +137,7 @@ pub async fn serve<L: TokenLookup>(
         _ => None,
     };
     let shared = Arc::new(Shared::new(config, lookup));
-    let session = move |stream, peer, stopped| {
+    let session = move |stream, peer, stopped, pre_auth| {
         let shared = Arc::clone(&shared);
         let tls = tls.clone();
         async move {
@@ -146,8 +147,12 @@ pub async fn serve<L: TokenLookup>(
                 .as_ref()
                 .map(|metrics| metrics.endpoint_connection_opened());
             match stream {
-                Stream::Tcp(s) => session::run(s, Arc::clone(&shared), tls, stopped, peer).await,
-                Stream::Unix(s) => session::run(s, Arc::clone(&shared), None, stopped, peer).await,
+                Stream::Tcp(s) => {
+                    session::run(s, Arc::clone(&shared), tls, stopped, peer, pre_auth).await;
+                }
+                Stream::Unix(s) => {
+                    session::run(s, Arc::clone(&shared), None, stopped, peer, pre_auth).await;
+                }
             }
             if let Some(mut open) = open {
                 open.set_outcome(ConnectionOutcome::Completed);
@@ -166,9 +171,14 @@ pub async fn serve<L: TokenLookup>(
 }
 
 /// The accept loop of [`serve`], shared with the relay (`name` says which in the log): runs
-/// `session` on each accepted connection (with its peer's address and a flag that turns true
-/// at shutdown), refuses connections beyond `max_connections` with "too many clients", and on
-/// shutdown waits up to `shutdown_grace` for the sessions before cutting them off.
+/// `session` on each accepted connection (with its peer's address, a flag that turns true at
+/// shutdown, and its [`PreAuth`] place, to drop once it has logged in), and on shutdown waits
+/// up to `shutdown_grace` for the sessions before cutting them off.
+///
+/// Beyond `max_connections`, a new connection closes the oldest one that has not logged in
+/// ([`PreAuthSet`]); only when every session has logged in is it refused "too many clients".
+/// So a flood of connections that say nothing slows PgBouncer's logins down but cannot stop
+/// them.
 ///
 /// On a unix socket, a peer whose uid (`SO_PEERCRED`) is not the daemon's own is closed at
 /// once, before it takes a slot: another local user cannot starve PgBouncer's logins however
@@ -183,7 +193,7 @@ pub(crate) async fn serve_with<F, Fut>(
     session: F,
 ) -> io::Result<()>
 where
-    F: Fn(Stream, String, watch::Receiver<bool>) -> Fut,
+    F: Fn(Stream, String, watch::Receiver<bool>, PreAuth) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let sessions_allowed = Arc::new(Semaphore::new(max_connections));
@@ -194,6 +204,10 @@ where
     let too_many = LogThrottle::new(format!("{name}: too many connections"));
     let cannot_accept = LogThrottle::new(format!("{name}: cannot accept a connection now"));
     let foreign = LogThrottle::new(format!("{name}: connection from another uid closed"));
+    let evicted = LogThrottle::new(format!(
+        "{name}: oldest connection not logged in closed for a new one"
+    ));
+    let waiting = PreAuthSet::default();
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     tokio::pin!(shutdown);
@@ -228,12 +242,36 @@ where
             }
             continue;
         }
-        if let Ok(permit) = Arc::clone(&sessions_allowed).try_acquire_owned() {
-            let running = session(stream, peer, stopped.clone());
-            tasks.spawn(async move {
+        let permit = match Arc::clone(&sessions_allowed).try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if waiting.evict_oldest() => {
+                if evicted.first() {
+                    tracing::warn!(
+                        listener = name,
+                        max = max_connections,
+                        "all connections taken; closing the oldest that has not logged in \
+                         for each new one"
+                    );
+                }
+                // The closed session's permit comes back once its task is dropped, at the
+                // runtime's next turn.
+                let freed = Arc::clone(&sessions_allowed).acquire_owned();
+                tokio::time::timeout(Duration::from_secs(1), freed)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        if let Some(permit) = permit {
+            let place = waiting.enter();
+            let id = place.id();
+            let running = session(stream, peer, stopped.clone(), place);
+            let task = tasks.spawn(async move {
                 running.await;
                 drop(permit);
             });
+            waiting.attach(id, task);
         } else if let Ok(permit) = Arc::clone(&refusals_allowed).try_acquire_owned() {
             if too_many.first() {
                 tracing::warn!(

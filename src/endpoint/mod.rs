@@ -20,6 +20,7 @@
 pub(crate) mod backend;
 pub(crate) mod frontend;
 pub(crate) mod listener;
+pub(crate) mod pre_auth;
 pub(crate) mod scram;
 pub(crate) mod session;
 mod tls;
@@ -56,8 +57,9 @@ pub enum Lookup {
 /// What bounds each session and the endpoint as a whole.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Sessions at once; more are refused with SQLSTATE 53300. PgBouncer opens at most
-    /// `pool_size` (default 20) server connections for the auth user per auth database.
+    /// Sessions at once. A new one beyond closes the oldest that has not logged in; when all
+    /// have, it is refused with SQLSTATE 53300. PgBouncer opens at most `pool_size` (default
+    /// 20) server connections for the auth user per auth database.
     pub max_connections: usize,
     /// Largest frame accepted, header included. PgBouncer's messages to the endpoint are a
     /// few hundred bytes; bigger ones end the session.

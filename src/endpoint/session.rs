@@ -7,6 +7,7 @@
 
 use super::backend::{self, Column, INT4_OID, TEXT_OID};
 use super::frontend::{self, FrontendMessage, ProtocolError, StartupPacket, Target};
+use super::pre_auth::PreAuth;
 use super::scram::{self, ScramError, ScramSecret};
 use super::{EndpointConfig, Lookup, TokenLookup};
 use crate::token::MAX_TOKEN_BYTES;
@@ -198,6 +199,7 @@ pub(crate) async fn run<S, L>(
     tls: Option<TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
     peer: String,
+    pre_auth: PreAuth,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     L: TokenLookup,
@@ -213,7 +215,7 @@ pub(crate) async fn run<S, L>(
     .await;
     match negotiated {
         Ok(Negotiated::Startup(params)) => {
-            session(conn, params, &shared, deadline, shutdown, &peer).await;
+            session(conn, params, &shared, deadline, shutdown, &peer, pre_auth).await;
         }
         Ok(Negotiated::Cancel(_)) => conn.finish(End::Quiet, &peer).await,
         Ok(Negotiated::StartTls) => {
@@ -223,7 +225,8 @@ pub(crate) async fn run<S, L>(
                     let mut conn = Conn::new(stream, limits.max_message_bytes);
                     match bounded(deadline, shutdown.clone(), negotiate(&mut conn, false)).await {
                         Ok(Negotiated::Startup(params)) => {
-                            session(conn, params, &shared, deadline, shutdown, &peer).await;
+                            session(conn, params, &shared, deadline, shutdown, &peer, pre_auth)
+                                .await;
                         }
                         Ok(Negotiated::Cancel(_)) => conn.finish(End::Quiet, &peer).await,
                         Ok(Negotiated::StartTls) => {}
@@ -320,6 +323,7 @@ async fn session<S, L>(
     deadline: Instant,
     shutdown: watch::Receiver<bool>,
     peer: &str,
+    pre_auth: PreAuth,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     L: TokenLookup,
@@ -343,6 +347,7 @@ async fn session<S, L>(
     .await;
     let end = match authenticated {
         Ok(()) => {
+            pre_auth.authenticated();
             tracing::debug!(peer, user, database, "authenticated");
             let mut queries = Queries::new(shared, database);
             for (name, value) in &params {
@@ -990,7 +995,16 @@ pub fn fuzz_session(data: &[u8]) {
         let (_stop, shutdown) = watch::channel(false);
         let session = async {
             if mode % 2 == 0 {
-                run(server, Arc::clone(shared), None, shutdown, "fuzz".into()).await;
+                let pre_auth = PreAuth::detached();
+                run(
+                    server,
+                    Arc::clone(shared),
+                    None,
+                    shutdown,
+                    "fuzz".into(),
+                    pre_auth,
+                )
+                .await;
             } else {
                 let mut conn = Conn::new(server, shared.config.limits.max_message_bytes);
                 let mut queries = Queries::new(shared, "db".into());

@@ -88,8 +88,9 @@ pub struct Upstream {
 /// What bounds each connection and the relay as a whole.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections at once, cancel requests included; more are refused with 53300. Keep it
-    /// above the sum of PgBouncer's server pool sizes for the relayed databases.
+    /// Connections at once, cancel requests included. A new one beyond closes the oldest that
+    /// has not logged in; when all have, it is refused with 53300. Keep it above the sum of
+    /// PgBouncer's server pool sizes for the relayed databases.
     pub max_connections: usize,
     /// Largest message accepted before the relay steps aside, header included: PgBouncer's
     /// startup and SCRAM messages, and the upstream's messages up to ReadyForQuery.
@@ -194,8 +195,9 @@ pub async fn serve(
         source,
         cancels: CancelMap::default(),
     });
-    let connection =
-        move |stream, peer, stopped| session::run(Arc::clone(&shared), stream, peer, stopped);
+    let connection = move |stream, peer, stopped, pre_auth| {
+        session::run(Arc::clone(&shared), stream, peer, stopped, pre_auth)
+    };
     serve_with(
         listener,
         "relay",

@@ -8,6 +8,7 @@ use super::upstream::{self, UpstreamStream};
 use super::{Shared, Upstream};
 use crate::endpoint::backend;
 use crate::endpoint::listener::Stream;
+use crate::endpoint::pre_auth::PreAuth;
 use crate::endpoint::session::{Conn, End, Negotiated, bounded, negotiate, scram_exchange};
 use crate::metrics::RelayRefusal;
 use crate::token::TokenKey;
@@ -23,15 +24,16 @@ pub(super) async fn run(
     stream: Stream,
     peer: String,
     stopped: watch::Receiver<bool>,
+    pre_auth: PreAuth,
 ) {
     match stream {
-        Stream::Tcp(s) => connection(&shared, s, false, peer, stopped).await,
+        Stream::Tcp(s) => connection(&shared, s, false, peer, stopped, pre_auth).await,
         Stream::Unix(s) => {
             let trusted = shared.config.peer_uid.is_some_and(|uid| {
                 s.peer_cred()
                     .is_ok_and(|credentials| credentials.uid() == uid)
             });
-            connection(&shared, s, trusted, peer, stopped).await;
+            connection(&shared, s, trusted, peer, stopped, pre_auth).await;
         }
     }
 }
@@ -43,6 +45,7 @@ async fn connection<S>(
     trusted: bool,
     peer: String,
     stopped: watch::Receiver<bool>,
+    pre_auth: PreAuth,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -62,7 +65,7 @@ async fn connection<S>(
     let logged_in = bounded(
         deadline,
         stopped,
-        login(shared, &mut client, &params, trusted),
+        login(shared, &mut client, &params, trusted, pre_auth),
     )
     .await;
     match logged_in {
@@ -106,6 +109,7 @@ async fn login<S>(
     client: &mut Conn<S>,
     params: &[(String, String)],
     trusted: bool,
+    pre_auth: PreAuth,
 ) -> Result<(Conn<UpstreamStream>, Option<Registration>), End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -132,6 +136,8 @@ where
         }
         Some(proof?)
     };
+    // PgBouncer has proved itself; the upstream login may take seconds and keeps its slot.
+    pre_auth.authenticated();
     // Only now, so that the target names are not disclosed to whoever can connect.
     let database = param("database").filter(|d| !d.is_empty()).unwrap_or(user);
     let target = admit(shared, params, user, database)?;
@@ -456,7 +462,16 @@ pub fn fuzz_relay(data: &[u8]) {
             match mode % 3 {
                 0 | 1 => {
                     let trusted = mode % 3 == 1;
-                    connection(shared, relay_side, trusted, "fuzz".into(), stopped).await;
+                    let pre_auth = PreAuth::detached();
+                    connection(
+                        shared,
+                        relay_side,
+                        trusted,
+                        "fuzz".into(),
+                        stopped,
+                        pre_auth,
+                    )
+                    .await;
                 }
                 _ => {
                     let mut server = Conn::new(relay_side, shared.config.limits.max_message_bytes);
