@@ -31,6 +31,8 @@ cd "$REPO"
 NAME=aws-pgbouncer-kube-play
 AUTH_QUERY_MAX=${KUBE_PLAY_AUTH_QUERY_MAX_SECONDS:-2}
 TOKEN_LIFETIME=${KUBE_PLAY_TOKEN_LIFETIME:-20}
+# The daemon's image in the two-container pods (to try a build of your own).
+RUNTIME_IMAGE=${KUBE_PLAY_RUNTIME_IMAGE:-localhost/aws-pgbouncer:local}
 # The manifests the pods are derived from (images built from another checkout need its own).
 MANIFESTS=${KUBE_PLAY_MANIFESTS:-container/k8s}
 STANDIN_DIR=/var/lib/aws-pgbouncer-standin
@@ -58,7 +60,7 @@ images=(localhost/aws-pgbouncer-standin:local docker.io/library/postgres:17-alpi
 for pod in "${pods[@]}"; do
     case "$pod" in
         supervised) images+=(localhost/aws-pgbouncer:local-supervised) ;;
-        *) images+=(localhost/aws-pgbouncer:local docker.io/edoburu/pgbouncer:v1.25.2-p0) ;;
+        *) images+=("$RUNTIME_IMAGE" docker.io/edoburu/pgbouncer:v1.25.2-p0) ;;
     esac
 done
 missing=()
@@ -139,7 +141,8 @@ run_pod() {
     pod=kp-$mode
     file=$WORK/$pod.yaml
     /usr/bin/python3 scripts/kube-play/derive.py "$manifest" --name "$pod" --ca-dir "$WORK/rds" \
-        --empty-dirs "$WORK/$pod-volumes" --token-lifetime "$TOKEN_LIFETIME" >"$file"
+        --empty-dirs "$WORK/$pod-volumes" --token-lifetime "$TOKEN_LIFETIME" \
+        --runtime-image "$RUNTIME_IMAGE" >"$file"
     say "$mode: podman kube play (derived from $manifest)"
     played+=("$file")
     podman kube play --network "$NAME" "$file" >/dev/null
@@ -211,7 +214,9 @@ run_pod() {
 }
 
 for mode in "${pods[@]}"; do run_pod "$mode"; done
-say "summary (tokens of $TOKEN_LIFETIME s; PgBouncer image docker.io/edoburu/pgbouncer:v1.25.2-p0, as built here):"
+pgbouncer_in() { podman run --rm --entrypoint "$2" "$1" --version 2>/dev/null | head -n 1 || echo "?"; }
+say "summary (tokens of $TOKEN_LIFETIME s; stock PgBouncer image: $(pgbouncer_in docker.io/edoburu/pgbouncer:v1.25.2-p0 /usr/bin/pgbouncer);" \
+    "supervised image: $(pgbouncer_in localhost/aws-pgbouncer:local-supervised /usr/sbin/pgbouncer)):"
 for line in "${results[@]}"; do say "  $line"; done
 if [ "$failed_pods" -ne 0 ]; then
     say "FAILED: $failed_pods pod(s)"

@@ -28,6 +28,7 @@ import sys
 
 import yaml
 
+RUNTIME = "registry.example.com/aws-pgbouncer:0.1.0"
 LOCAL_IMAGES = {
     "registry.example.com/aws-pgbouncer:0.1.0": "localhost/aws-pgbouncer:local",
     "registry.example.com/aws-pgbouncer:0.1.0-supervised": "localhost/aws-pgbouncer:local-supervised",
@@ -68,7 +69,7 @@ def host_dir_for(volume, empty_dirs):
     return {"name": volume["name"], "hostPath": {"path": path, "type": "Directory"}}
 
 
-def derive(documents, name, ca_host_dir, empty_dirs, token_lifetime):
+def derive(documents, name, ca_host_dir, empty_dirs, token_lifetime, images):
     workload = next(d for d in documents if d and d.get("kind") in ("Deployment", "Job"))
     spec = copy.deepcopy(workload["spec"]["template"]["spec"])
     spec.pop("serviceAccountName", None)
@@ -88,7 +89,7 @@ def derive(documents, name, ca_host_dir, empty_dirs, token_lifetime):
             container.pop(probe, None)
         # kube play publishes container ports on the host; nothing outside the pod needs them.
         container.pop("ports", None)
-        container["image"] = LOCAL_IMAGES.get(container["image"], container["image"])
+        container["image"] = images.get(container["image"], container["image"])
         mounts = [m for m in container.get("volumeMounts", []) if m["name"] != "rds-ca-bundle"]
         if container["name"] in ("aws-pgbouncer", "pgbouncer"):
             mounts.append({"name": "rds-ca-bundle", "mountPath": CA_DIR, "readOnly": True})
@@ -115,10 +116,14 @@ def main():
     parser.add_argument("--empty-dirs", required=True,
                         help="host directory under which each emptyDir gets a 0777 directory")
     parser.add_argument("--token-lifetime", type=int, default=20)
+    parser.add_argument("--runtime-image", help="instead of " + LOCAL_IMAGES[RUNTIME])
     args = parser.parse_args()
     with open(args.manifest) as file:
         documents = list(yaml.safe_load_all(file))
-    pod = derive(documents, args.name, args.ca_dir, args.empty_dirs, args.token_lifetime)
+    images = dict(LOCAL_IMAGES)
+    if args.runtime_image:
+        images[RUNTIME] = args.runtime_image
+    pod = derive(documents, args.name, args.ca_dir, args.empty_dirs, args.token_lifetime, images)
     yaml.safe_dump(pod, sys.stdout, sort_keys=False)
 
 
