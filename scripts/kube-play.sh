@@ -25,6 +25,13 @@
 # Images (localhost/aws-pgbouncer:local, :local-supervised, aws-pgbouncer-standin:local and
 # the stock PgBouncer and postgres images) come from `scripts/containers.sh setup bases
 # images`, which this script runs when one is missing.
+#
+# Environment:
+#   KUBE_PLAY_TOKEN_LIFETIME          the daemon's token lifetime in seconds (default 20)
+#   KUBE_PLAY_AUTH_QUERY_MAX_SECONDS  auth-query's allowance after a restart (default 2)
+#   KUBE_PLAY_MANIFESTS               the manifests' directory (default container/k8s)
+#   KUBE_PLAY_RUNTIME_IMAGE           the daemon's image in the two-container pods
+#                                     (default localhost/aws-pgbouncer:local)
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
