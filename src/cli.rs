@@ -143,12 +143,12 @@ pub struct RunArgs {
     /// Where PgBouncer serves applications [default: 127.0.0.1:6432].
     #[arg(long, env = "AWS_PGBOUNCER_LISTEN")]
     pub listen: Option<String>,
-    /// Auth-query and passthrough modes: where the auth endpoint listens, ADDR:PORT or
-    /// `unix[:PORT]` for a socket in --pgbouncer-dir [default: 127.0.0.1:6433].
+    /// Auth-query and passthrough modes: where the auth endpoint listens, `unix[:PORT]` for a
+    /// socket in --pgbouncer-dir or ADDR:PORT (TLS) [default: unix:6433].
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN")]
     pub auth_listen: Option<String>,
-    /// Passthrough mode: where the relay listens, loopback ADDR:PORT or `unix[:PORT]` for a
-    /// socket in --pgbouncer-dir [default: 127.0.0.1:6434].
+    /// Passthrough mode: where the relay listens, `unix[:PORT]` for a socket in
+    /// --pgbouncer-dir or a loopback ADDR:PORT (TLS) [default: unix:6434].
     #[arg(long, env = "AWS_PGBOUNCER_RELAY_LISTEN")]
     pub relay_listen: Option<String>,
     /// Auth-query and passthrough modes: allow --auth-listen on an address other than

@@ -183,12 +183,13 @@ while True:
         conn.close()
 "#;
 
-/// The squatter, as the intruder, on 127.0.0.1:`port`; its output goes to `work/squatter.log`.
+/// The squatter, as the intruder, on 127.0.0.1:`port`; its output goes to
+/// `work/squatter-PORT.log`.
 fn start_squatter(work: &Path, port: u16, method: &str) -> (support::ChildGuard, PathBuf) {
     let intruder = Testbed::locate().intruder();
     let script = work.join("squatter.py");
     write_file(&script, SQUATTER, 0o644);
-    let log = work.join("squatter.log");
+    let log = work.join(format!("squatter-{port}.log"));
     let mut cmd = std::process::Command::new("/usr/bin/python3");
     cmd.arg(&script).arg(port.to_string()).arg(method);
     std::os::unix::process::CommandExt::uid(&mut cmd, intruder.uid);
@@ -300,4 +301,91 @@ fn the_admin_console_is_reached_through_pgbouncers_socket_in_the_daemons_directo
         ini.contains(&format!("unix_socket_dir = {}\n", dir.display())),
         "{ini}"
     );
+}
+
+/// Passthrough mode on loopback TCP, PgBouncer in its own process (two containers): while the
+/// daemon is down, whatever binds the endpoint's port must not get PgBouncer's auth secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_squatter_on_the_endpoint_port_gets_no_secret_from_pgbouncer() {
+    let standin = Standin::start();
+    let work = test_dir("squat-endpoint");
+    let (listen_port, auth_port, relay_port) = (free_port(), free_port(), free_port());
+    let mut args = database_flags(&standin, listen_port, 900);
+    args.extend(
+        [
+            "--mode",
+            "passthrough",
+            "--auth-listen",
+            &format!("127.0.0.1:{auth_port}"),
+            "--relay-listen",
+            &format!("127.0.0.1:{relay_port}"),
+            "--allow-users",
+            "reporter",
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start(work.path(), &standin.static_creds(), &args);
+    daemon.wait_for_log("wrote PgBouncer's files", Duration::from_secs(30));
+    let ini = daemon.pgbouncer_dir.join("pgbouncer.ini");
+    let mut cmd = std::process::Command::new(&Testbed::locate().pgbouncer);
+    cmd.arg(&ini);
+    support::log_output_to(&mut cmd, &work.path().join("pgbouncer.log"));
+    let _pgbouncer = support::ChildGuard::spawn_as_runner(cmd, "pgbouncer");
+    daemon.wait_until_started();
+    // Through the endpoint and the relay on TCP, each verified against the daemon's own CA.
+    let client = support::client::connect(listen_port, "app_user", "appdb")
+        .await
+        .unwrap();
+    support::client::scalar(&client, "SELECT 1").await.unwrap();
+    drop(client);
+
+    daemon.signal(libc::SIGTERM);
+    daemon
+        .wait_exit(Duration::from_secs(40))
+        .expect("the daemon stops");
+    let squatters =
+        [auth_port, relay_port].map(|port| start_squatter(work.path(), port, "cleartext"));
+    // Each login makes PgBouncer run its auth_query, at the endpoint's port (once
+    // server_login_retry has passed since the daemon's connections ended). The relay's port
+    // is held too, in case PgBouncer goes there.
+    let logins = ["reporter", "app_user"]
+        .map(|user| tokio::spawn(support::client::connect(listen_port, user, "appdb")));
+    let endpoint_log = &squatters[0].1;
+    let contacted = support::wait_until(Duration::from_secs(40), || {
+        fs::read_to_string(endpoint_log).is_ok_and(|text| text.lines().count() > 1)
+    });
+    let pgbouncer_log = fs::read_to_string(work.path().join("pgbouncer.log")).unwrap();
+    assert!(
+        contacted,
+        "PgBouncer never came to the endpoint's port:\n{pgbouncer_log}"
+    );
+    let secrets = ["auth-secret", "relay-secret"].map(|name| {
+        let secret = fs::read_to_string(daemon.pgbouncer_dir.join(name)).unwrap();
+        secret
+            .trim()
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+    for (_, log) in &squatters {
+        // Whatever PgBouncer sent has been printed once the connection is over.
+        support::wait_until(Duration::from_secs(10), || {
+            fs::read_to_string(log).is_ok_and(|text| !text.ends_with("asked\n"))
+        });
+        let text = fs::read_to_string(log).unwrap();
+        for secret in &secrets {
+            assert!(
+                !text.contains(secret),
+                "a secret went to the squatter: {text}"
+            );
+        }
+        assert!(
+            !text.contains("asked"),
+            "PgBouncer logged in to the squatter: {text}"
+        );
+    }
+    for login in logins {
+        login.abort();
+    }
 }

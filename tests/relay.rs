@@ -49,6 +49,7 @@ fn config(ca: &Path, targets: Vec<(&str, Upstream)>) -> RelayConfig {
         secret: SECRET.to_owned().into(),
         peer_uid: None,
         upstream_tls: relay::upstream_tls(ca).unwrap(),
+        server_tls: None,
         targets: targets
             .into_iter()
             .map(|(name, upstream)| (name.to_owned(), upstream))

@@ -16,8 +16,8 @@ use std::time::Duration;
 pub const DEFAULT_PGBOUNCER_DIR: &str = "/run/aws-pgbouncer";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6432";
 pub const DEFAULT_TOKEN_LIFETIME: u64 = 900;
-pub const DEFAULT_AUTH_LISTEN: &str = "127.0.0.1:6433";
-pub const DEFAULT_RELAY_LISTEN: &str = "127.0.0.1:6434";
+pub const DEFAULT_AUTH_LISTEN: &str = "unix:6433";
+pub const DEFAULT_RELAY_LISTEN: &str = "unix:6434";
 
 /// `[databases]` entries the daemon adds for auth-query mode start with this.
 pub const AUTH_DATABASE_PREFIX: &str = "aws_pgbouncer_auth";
@@ -257,7 +257,9 @@ fn resolve_local_listen(
         return Ok(LocalListen::Unix { port });
     }
     let addr: SocketAddr = text.parse().map_err(|_| {
-        format!("{what} {text:?} is not ADDR:PORT (e.g. {default}), unix or unix:PORT")
+        format!(
+            "{what} {text:?} is not ADDR:PORT (e.g. 127.0.0.1:{default_port}), unix or unix:PORT"
+        )
     })?;
     if !addr.ip().is_loopback() && !non_loopback {
         return Err(format!(

@@ -64,11 +64,20 @@ impl AuthQueryMode {
     {
         let auth_secret =
             load_or_create_secret(dir, AUTH_SECRET_FILE).map_err(|error| error.to_string())?;
+        let passthrough = settings.mode == Mode::Passthrough;
         let endpoint = LocalAddress::of(&settings.auth_listen, dir);
-        let tls = match endpoint.listen {
-            Listen::Tcp(_) => Some(self_signed_tls(dir)?.0),
-            Listen::Unix { .. } => None,
+        let endpoint_on_tcp = matches!(endpoint.listen, Listen::Tcp(_));
+        // A CA of the daemon's own, so that PgBouncer can verify (verify-full) that it talks
+        // to the daemon on TCP, not to whatever bound the port while the daemon was down. In
+        // passthrough mode every server connection of PgBouncer's goes to the daemon.
+        let (own_tls, own_ca) = match passthrough || endpoint_on_tcp {
+            true => {
+                let (config, ca_file) = self_signed_tls(dir)?;
+                (Some(config), Some(ca_file))
+            }
+            false => (None, None),
         };
+        let tls = own_tls.clone().filter(|_| endpoint_on_tcp);
         let listener = endpoint.bind("auth endpoint").await?;
         let (endpoint_limits, relay_limits) =
             crate::fd_limit::fitted_limits(settings.mode == Mode::Passthrough);
@@ -77,20 +86,17 @@ impl AuthQueryMode {
                 let relay = LocalAddress::of(&settings.relay_listen, dir);
                 let secret = load_or_create_secret(dir, RELAY_SECRET_FILE)
                     .map_err(|error| error.to_string())?;
-                start_relay(
-                    settings,
-                    &relay,
-                    secret.clone(),
-                    relay_limits,
-                    source,
-                    metrics,
-                    stopped(),
-                )
-                .await?;
-                // PgBouncer talks only to the daemon, on loopback or a unix socket; the
-                // relay does the TLS towards RDS. `prefer` still takes the endpoint's TLS.
+                let config = RelayConfig {
+                    server_tls: own_tls,
+                    limits: relay_limits,
+                    metrics: Some(metrics.clone()),
+                    ..relay_config(settings, secret.clone())?
+                };
+                start_relay(&relay, config, source, stopped()).await?;
+                // PgBouncer talks only to the daemon, on loopback or a unix socket (where it
+                // never starts TLS); the relay does the TLS towards RDS.
                 let route = Some((relay.host, relay.port));
-                (Answer::RelaySecret(secret), route, "prefer", None)
+                (Answer::RelaySecret(secret), route, "verify-full", own_ca)
             }
             _ => {
                 let ca_file = match (&tls, &settings.server_ca_file) {
@@ -262,15 +268,7 @@ impl LocalAddress {
 }
 
 /// The relay of passthrough mode: one target per database entry, keyed by its name.
-async fn start_relay(
-    settings: &Settings,
-    address: &LocalAddress,
-    secret: SecretString,
-    limits: RelayLimits,
-    source: &Arc<TokenSource>,
-    metrics: &Arc<Metrics>,
-    stopped: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+fn relay_config(settings: &Settings, secret: SecretString) -> Result<RelayConfig, String> {
     let ca_file = settings.server_ca_file.as_deref().ok_or(
         "passthrough mode verifies RDS itself and needs --server-ca-file (the RDS CA bundle)",
     )?;
@@ -288,14 +286,24 @@ async fn start_relay(
             (db.name.clone(), upstream)
         })
         .collect();
-    let config = Arc::new(RelayConfig {
+    Ok(RelayConfig {
         secret,
         peer_uid: None,
         upstream_tls: upstream_tls(ca_file)?,
+        server_tls: None,
         targets,
-        limits,
-        metrics: Some(metrics.clone()),
-    });
+        limits: RelayLimits::default(),
+        metrics: None,
+    })
+}
+
+async fn start_relay(
+    address: &LocalAddress,
+    config: RelayConfig,
+    source: &Arc<TokenSource>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let config = Arc::new(config);
     let listener = address.bind("relay").await?;
     tokio::spawn(crate::relay::serve(
         listener,

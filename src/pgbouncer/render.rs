@@ -29,7 +29,8 @@ const HEADER: &str =
 
 /// How PgBouncer speaks TLS to its servers: in config and auth-query modes the configured
 /// mode, and the configured CA bundle (plus the endpoint's CA for a TCP endpoint); in
-/// passthrough mode PgBouncer talks only to the daemon on loopback, which does the TLS.
+/// passthrough mode PgBouncer talks only to the daemon, `verify-full` against the daemon's
+/// own CA, and the relay does the TLS towards RDS.
 pub struct ServerTls<'a> {
     pub mode: &'a str,
     pub ca_file: Option<&'a Path>,

@@ -33,9 +33,10 @@
 //! `[databases]` entry (`database`, `client_encoding`, `datestyle`, `timezone`,
 //! `application_name`) and the pool's `user`; only for replication connections does it add
 //! `replication`, the client's tracked parameters and its `options`, and the relay does not
-//! carry replication. Each refusal is counted (`aws_pgbouncer_relay_refusals`). PgBouncer's
-//! `server_tls_sslmode` must let it talk to the relay without TLS (`disable` or `prefer`):
-//! the relay listens on loopback or a unix socket and does the TLS towards RDS itself.
+//! carry replication. Each refusal is counted (`aws_pgbouncer_relay_refusals`). On TCP the
+//! relay offers TLS with [`RelayConfig::server_tls`] (the daemon's own CA signs it), and
+//! PgBouncer verifies it (`verify-full`): whatever else binds the port while the daemon is
+//! down cannot pass for the relay. Over a unix socket PgBouncer never starts TLS.
 //!
 //! **Which upstream.** Targets are keyed by the database name PgBouncer sends, i.e. the
 //! `dbname` of its `[databases]` entry. Each target names the upstream host, port, region and
@@ -122,6 +123,9 @@ pub struct RelayConfig {
     pub peer_uid: Option<u32>,
     /// TLS towards the upstream servers; [`upstream_tls`] builds the verify-full one.
     pub upstream_tls: Arc<ClientConfig>,
+    /// Offered to PgBouncer on TCP when set, so that its `verify-full` towards the relay
+    /// holds and nothing else that binds the port can pass for the relay.
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
     /// By the database name PgBouncer sends.
     pub targets: HashMap<String, Upstream>,
     pub limits: Limits,
@@ -161,6 +165,7 @@ struct Shared {
     secret: ScramSecret,
     source: Arc<TokenSource>,
     tls: tokio_rustls::TlsConnector,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
     cancels: CancelMap,
 }
 
@@ -191,6 +196,10 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         secret: ScramSecret::generate(&config.secret),
         tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
+        acceptor: config
+            .server_tls
+            .clone()
+            .map(tokio_rustls::TlsAcceptor::from),
         config,
         source,
         cancels: CancelMap::default(),
@@ -232,6 +241,7 @@ mod tests {
             secret: "hunter2-relay".to_owned().into(),
             peer_uid: Some(70),
             upstream_tls: Arc::new(tls),
+            server_tls: None,
             targets: HashMap::new(),
             limits: Limits::default(),
             metrics: None,

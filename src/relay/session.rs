@@ -26,39 +26,101 @@ pub(super) async fn run(
     stopped: watch::Receiver<bool>,
     pre_auth: PreAuth,
 ) {
+    let handshake = Handshake {
+        deadline: Instant::now() + shared.config.limits.handshake_timeout,
+        peer,
+        stopped,
+        pre_auth,
+    };
     match stream {
-        Stream::Tcp(s) => connection(&shared, s, false, peer, stopped, pre_auth).await,
+        Stream::Tcp(s) => {
+            let offer_tls = shared.acceptor.is_some();
+            let (client, negotiated) = greet(&shared, s, offer_tls, &handshake).await;
+            let Ok(Negotiated::StartTls) = negotiated else {
+                return connection(&shared, client, negotiated, false, handshake).await;
+            };
+            let Some(acceptor) = &shared.acceptor else {
+                return;
+            };
+            let peer = handshake.peer.clone();
+            match timeout_at(handshake.deadline, acceptor.accept(client.stream)).await {
+                Ok(Ok(tls)) => without_tls(&shared, tls, false, handshake).await,
+                Ok(Err(error)) => tracing::info!(peer, %error, "TLS handshake failed"),
+                Err(_) => tracing::info!(peer, "TLS handshake timed out"),
+            }
+        }
         Stream::Unix(s) => {
             let trusted = shared.config.peer_uid.is_some_and(|uid| {
                 s.peer_cred()
                     .is_ok_and(|credentials| credentials.uid() == uid)
             });
-            connection(&shared, s, trusted, peer, stopped, pre_auth).await;
+            // PgBouncer never starts TLS over a unix socket.
+            without_tls(&shared, s, trusted, handshake).await;
         }
     }
 }
 
-/// `trusted`: the peer's uid already proved it is PgBouncer, so no password is asked.
-async fn connection<S>(
-    shared: &Shared,
-    stream: S,
-    trusted: bool,
+/// What bounds one connection's handshake, and whom it is with.
+struct Handshake {
+    deadline: Instant,
     peer: String,
     stopped: watch::Receiver<bool>,
     pre_auth: PreAuth,
+}
+
+/// A connection on which TLS is not offered, or already running underneath.
+async fn without_tls<S>(shared: &Shared, stream: S, trusted: bool, handshake: Handshake)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (client, negotiated) = greet(shared, stream, false, &handshake).await;
+    connection(shared, client, negotiated, trusted, handshake).await;
+}
+
+/// Frames the connection and reads what PgBouncer asks for first.
+async fn greet<S>(
+    shared: &Shared,
+    stream: S,
+    offer_tls: bool,
+    handshake: &Handshake,
+) -> (Conn<S>, Result<Negotiated, End>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut client = Conn::new(stream, shared.config.limits.max_message_bytes);
+    let negotiated = bounded(
+        handshake.deadline,
+        handshake.stopped.clone(),
+        negotiate(&mut client, offer_tls),
+    )
+    .await;
+    (client, negotiated)
+}
+
+/// Goes on from what PgBouncer asked for first. `trusted`: the peer's uid already proved it
+/// is PgBouncer, so no password is asked.
+async fn connection<S>(
+    shared: &Shared,
+    mut client: Conn<S>,
+    negotiated: Result<Negotiated, End>,
+    trusted: bool,
+    handshake: Handshake,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let limits = &shared.config.limits;
-    let deadline = Instant::now() + limits.handshake_timeout;
-    let mut client = Conn::new(stream, limits.max_message_bytes);
-    // TLS is never offered: PgBouncer reaches the relay over loopback or a unix socket.
-    let params = match bounded(deadline, stopped.clone(), negotiate(&mut client, false)).await {
+    let Handshake {
+        deadline,
+        peer,
+        stopped,
+        pre_auth,
+    } = handshake;
+    let params = match negotiated {
         Ok(Negotiated::Startup(params)) => params,
         Ok(Negotiated::Cancel(key)) => {
             forward_cancel(shared, &key, deadline, &peer).await;
             return client.finish(End::Quiet, &peer).await;
         }
+        // A second SSLRequest inside TLS is answered "N" by negotiate; none gets here.
         Ok(Negotiated::StartTls) => return,
         Err(end) => return client.finish(end, &peer).await,
     };
@@ -423,6 +485,7 @@ pub fn fuzz_relay(data: &[u8]) {
             secret: "relay-secret".to_owned().into(),
             peer_uid: None,
             upstream_tls: Arc::new(tls),
+            server_tls: None,
             targets: [(DATABASE.to_owned(), target)].into(),
             limits: Limits {
                 max_message_bytes: 1024,
@@ -434,6 +497,7 @@ pub fn fuzz_relay(data: &[u8]) {
         Arc::new(Shared {
             secret: crate::endpoint::scram::ScramSecret::generate(&config.secret),
             tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
+            acceptor: None,
             config,
             source,
             cancels: super::cancel::CancelMap::default(),
@@ -462,16 +526,13 @@ pub fn fuzz_relay(data: &[u8]) {
             match mode % 3 {
                 0 | 1 => {
                     let trusted = mode % 3 == 1;
-                    let pre_auth = PreAuth::detached();
-                    connection(
-                        shared,
-                        relay_side,
-                        trusted,
-                        "fuzz".into(),
+                    let handshake = Handshake {
+                        deadline: Instant::now() + shared.config.limits.handshake_timeout,
+                        peer: "fuzz".into(),
                         stopped,
-                        pre_auth,
-                    )
-                    .await;
+                        pre_auth: PreAuth::detached(),
+                    };
+                    without_tls(shared, relay_side, trusted, handshake).await;
                 }
                 _ => {
                     let mut server = Conn::new(relay_side, shared.config.limits.max_message_bytes);
