@@ -185,7 +185,14 @@ users = ["app_user", "reporter"]
         rss_during < rss_before + 32 * 1024,
         "memory grew from {rss_before} KiB to {rss_during} KiB"
     );
-    eprintln!("hostile: daemon RSS {rss_before} KiB before, {rss_during} KiB during the storm");
+    let ended = daemon.count_in_log("session ended");
+    eprintln!(
+        "hostile: daemon RSS {rss_before} KiB before, {rss_during} KiB during the storm; {} \
+         refused passwords, {ended} \"session ended\" log lines",
+        refused_passwords.load(Ordering::Relaxed)
+    );
+    // One line per 10 s and a summary, not one per refused session.
+    assert!(ended <= 8, "{ended} \"session ended\" lines");
     // Afterwards the endpoint still admits PgBouncer's auth user.
     let secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("auth-secret")).unwrap();
     tokio_postgres::Config::new()

@@ -10,13 +10,14 @@ use super::frontend::{self, FrontendMessage, ProtocolError, StartupPacket, Targe
 use super::pre_auth::PreAuth;
 use super::scram::{self, ScramError, ScramSecret};
 use super::{EndpointConfig, Lookup, TokenLookup};
+use crate::log_throttle::LogThrottle;
 use crate::token::MAX_TOKEN_BYTES;
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use secrecy::ExposeSecret;
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -179,7 +180,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             End::Quiet => tracing::debug!(peer, "session closed by the client"),
             End::Answered => tracing::debug!(peer, "session ended after its answer"),
             End::Io(e) => tracing::debug!(peer, error = %e, "session ended on an I/O error"),
-            _ => tracing::info!(peer, reason = ?fatal.as_ref().map(|f| &f.1), "session ended"),
+            // Another local process can make these as fast as it can connect (wrong
+            // passwords, garbage): one line per interval, with a count.
+            _ if ENDED_WITH_AN_ERROR.first() => {
+                tracing::info!(peer, reason = ?fatal.as_ref().map(|f| &f.1), "session ended");
+            }
+            _ => {}
         }
         if let Some((code, message)) = fatal {
             backend::error_response(&mut self.wbuf, "FATAL", code, &message);
@@ -191,6 +197,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         .await;
     }
 }
+
+/// Sessions of the endpoint and the relay that ended with an error sent to the client.
+static ENDED_WITH_AN_ERROR: LazyLock<LogThrottle> =
+    LazyLock::new(|| LogThrottle::new("sessions ended with an error"));
 
 /// Runs one session on an accepted connection. `tls` is offered to an SSLRequest when set.
 pub(crate) async fn run<S, L>(
