@@ -77,8 +77,10 @@ pub enum Mode {
     Passthrough,
 }
 
-/// PgBouncer's `server_tls_sslmode` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+/// PgBouncer's `server_tls_sslmode` values, weakest first (the order compares them).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum TlsMode {
     Disable,

@@ -271,36 +271,57 @@ fn a_squatter_asking_for_a_cleartext_or_md5_password_gets_no_secret() {
 
 #[test]
 fn the_admin_console_is_reached_through_pgbouncers_socket_in_the_daemons_directory() {
-    let work = test_dir("squat-socket");
+    let standin = Standin::start();
+    let work = test_dir("admin-socket");
+    let settings = "[[databases]]\nhost = \"localhost\"\nport = {standin_port}\n\
+                    dbname = \"appdb\"\nuser = \"app_user\"\n";
+    let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), settings);
+    // PgBouncer's own log (the supervised child's, in the daemon's) names each admin login's
+    // origin.
+    let log = daemon.log();
+    assert!(log.contains("aws_pgbouncer_admin@unix("), "{log}");
+    assert!(!log.contains("aws_pgbouncer_admin@127.0.0.1"), "{log}");
+    assert!(!log.contains("server_tls_sslmode is weaker"), "{log}");
+}
+
+/// A user's own pgbouncer.ini that leaves PgBouncer's server TLS at `prefer` (as a new user
+/// following the README's list of lines could) is reported; the console is then reached over
+/// TCP, since that PgBouncer has no socket in the daemon's directory.
+#[test]
+fn a_weaker_server_tls_in_your_own_pgbouncer_ini_is_reported() {
+    let standin = Standin::start();
+    let work = test_dir("own-ini");
     let listen_port = free_port();
-    let (_squatter, log) = start_squatter(work.path(), listen_port, "cleartext");
-    let mut daemon = start_beside_squatter(work.path(), listen_port, "");
-    let socket = work
-        .path()
-        .join(format!("pgbouncer/.s.PGSQL.{listen_port}"))
-        .display()
-        .to_string();
-    // Past the first quiet attempts, the daemon says where it looked.
-    let looked_at_socket = format!(
-        "admin console is not answering yet error=cannot reach PgBouncer's admin console at \
-         {socket}"
+    let args = database_flags(&standin, listen_port, 900);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start(work.path(), &standin.static_creds(), &args);
+    daemon.wait_for_log("wrote PgBouncer's files", Duration::from_secs(30));
+    let dir = daemon.pgbouncer_dir.display().to_string();
+    let own = work.path().join("own.ini");
+    write_file(
+        &own,
+        &format!(
+            "[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {listen_port}\n\
+             unix_socket_dir =\nauth_type = hba\nauth_hba_file = {dir}/pg_hba.conf\n\
+             auth_file = {dir}/userlist.txt\nadmin_users = aws_pgbouncer_admin\n\
+             server_tls_sslmode = prefer\n%include {dir}/databases.ini\n"
+        ),
+        0o644,
     );
-    support::wait_until(Duration::from_secs(30), || {
-        daemon.log().contains(&looked_at_socket)
-            || fs::read_to_string(&log).is_ok_and(|text| text.contains("asked"))
-    });
-    let text = fs::read_to_string(&log).unwrap();
+    let mut cmd = std::process::Command::new(&Testbed::locate().pgbouncer);
+    cmd.arg(&own);
+    support::log_output_to(&mut cmd, &work.path().join("pgbouncer.log"));
+    let _pgbouncer = support::ChildGuard::spawn_as_runner(cmd, "pgbouncer");
+    daemon.wait_for_log(
+        "server_tls_sslmode is weaker than aws-pgbouncer's",
+        Duration::from_secs(30),
+    );
+    let log = daemon.log();
     assert!(
-        !text.contains("asked"),
-        "the daemon went to the TCP port: {text}"
+        log.contains("found=\"prefer\" expected=\"verify-full\""),
+        "{log}"
     );
-    daemon.wait_for_log(&looked_at_socket, Duration::from_secs(1));
-    let ini = fs::read_to_string(work.path().join("pgbouncer/pgbouncer.ini")).unwrap();
-    let dir = work.path().join("pgbouncer");
-    assert!(
-        ini.contains(&format!("unix_socket_dir = {}\n", dir.display())),
-        "{ini}"
-    );
+    daemon.wait_until_started();
 }
 
 /// Passthrough mode on loopback TCP, PgBouncer in its own process (two containers): while the

@@ -192,6 +192,7 @@ async fn run_with(
             crate::pgbouncer::render::pgbouncer_socket_dir(&settings, &dir).as_deref(),
             &admin_secret,
         ),
+        expected_server_tls(&settings),
         state.clone(),
         metrics.clone(),
     );
@@ -257,6 +258,21 @@ async fn run_with(
     }
     drop(stop_serving);
     Ok(stopping.stop.outcome(args))
+}
+
+/// The `server_tls_sslmode` PgBouncer should run with: the daemon's own setting, and in
+/// passthrough mode `verify-full` when a leg to the daemon is on TCP (over unix sockets
+/// PgBouncer never starts TLS, so nothing is to be checked).
+fn expected_server_tls(settings: &Settings) -> Option<crate::cli::TlsMode> {
+    use crate::config::LocalListen;
+    match settings.mode {
+        Mode::Passthrough => {
+            let tcp = |listen: &LocalListen| matches!(listen, LocalListen::Tcp(_));
+            (tcp(&settings.auth_listen) || tcp(&settings.relay_listen))
+                .then_some(crate::cli::TlsMode::VerifyFull)
+        }
+        Mode::Config | Mode::AuthQuery => Some(settings.server_tls_mode),
+    }
 }
 
 /// Everything PgBouncer reads, written in the order that keeps what it sees consistent:

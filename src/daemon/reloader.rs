@@ -6,6 +6,7 @@
 
 use super::state::DaemonState;
 use crate::backoff;
+use crate::cli::TlsMode;
 use crate::metrics::Metrics;
 use crate::pgbouncer::admin::{AdminConsole, version_warning};
 use std::sync::Arc;
@@ -26,10 +27,18 @@ pub struct Reloader {
 impl Reloader {
     /// Starts the task. It first waits for the admin console to answer `SHOW VERSION`, and
     /// warns about PgBouncer versions this daemon cannot serve well.
-    pub fn spawn(console: AdminConsole, state: Arc<DaemonState>, metrics: Arc<Metrics>) -> Self {
+    /// `expected_tls` is the server TLS mode PgBouncer should have, if any: one running on a
+    /// pgbouncer.ini of the user's own may have been left weaker, which gets a warning.
+    pub fn spawn(
+        console: AdminConsole,
+        expected_tls: Option<TlsMode>,
+        state: Arc<DaemonState>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (requests, receiver) = watch::channel(0);
         let task = Task {
             console,
+            expected_tls,
             state,
             metrics,
         };
@@ -44,6 +53,7 @@ impl Reloader {
 
 struct Task {
     console: AdminConsole,
+    expected_tls: Option<TlsMode>,
     state: Arc<DaemonState>,
     metrics: Arc<Metrics>,
 }
@@ -73,6 +83,7 @@ impl Task {
                     if let Some(warning) = version_warning(&version) {
                         tracing::warn!(%version, "{warning}");
                     }
+                    self.check_server_tls().await;
                     self.state.pgbouncer_answered();
                     return;
                 }
@@ -89,6 +100,33 @@ impl Task {
                         .await;
                 }
             }
+        }
+    }
+
+    /// Warns when PgBouncer's `server_tls_sslmode` is weaker than the daemon's setting.
+    async fn check_server_tls(&mut self) {
+        let Some(expected) = self.expected_tls else {
+            return;
+        };
+        let found = match self.console.setting("server_tls_sslmode").await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read PgBouncer's server_tls_sslmode");
+                return;
+            }
+        };
+        let mode = found
+            .as_deref()
+            .and_then(|text| <TlsMode as clap::ValueEnum>::from_str(text, true).ok());
+        if mode.is_none_or(|mode| mode < expected) {
+            tracing::warn!(
+                found = found.as_deref().unwrap_or("(none)"),
+                expected = expected.as_pgbouncer(),
+                "PgBouncer's server_tls_sslmode is weaker than aws-pgbouncer's: its server \
+                 connections are not verified as the daemon's own are; set \
+                 server_tls_sslmode = {} and server_tls_ca_file in your pgbouncer.ini",
+                expected.as_pgbouncer()
+            );
         }
     }
 

@@ -60,20 +60,19 @@ impl fmt::Display for ConsoleAddress {
 }
 
 pub struct AdminConsole {
-    at: ConsoleAddress,
+    socket: Option<PathBuf>,
+    tcp: SocketAddr,
     config: tokio_postgres::Config,
     client: Option<tokio_postgres::Client>,
 }
 
 impl AdminConsole {
     /// `listen` is PgBouncer's listen address; a wildcard address is reached over loopback.
-    /// `socket_dir`, if any, is where PgBouncer also listens on a unix socket, which is used
-    /// instead.
+    /// `socket_dir`, if any, is where the rendered pgbouncer.ini puts PgBouncer's unix socket,
+    /// used whenever it is there (a PgBouncer on your own pgbouncer.ini may have none there).
     pub fn new(listen: SocketAddr, socket_dir: Option<&Path>, secret: &SecretString) -> Self {
-        let at = match socket_dir {
-            Some(dir) => ConsoleAddress::Unix(dir.join(format!(".s.PGSQL.{}", listen.port()))),
-            None => ConsoleAddress::Tcp(SocketAddr::new(reachable_ip(listen), listen.port())),
-        };
+        let socket = socket_dir.map(|dir| dir.join(format!(".s.PGSQL.{}", listen.port())));
+        let tcp = SocketAddr::new(reachable_ip(listen), listen.port());
         let mut config = tokio_postgres::Config::new();
         config
             .user(ADMIN_USER)
@@ -81,10 +80,22 @@ impl AdminConsole {
             .dbname("pgbouncer")
             .application_name("aws-pgbouncer");
         Self {
-            at,
+            socket,
+            tcp,
             config,
             client: None,
         }
+    }
+
+    /// PgBouncer's value of the setting `key` (`SHOW CONFIG`).
+    pub async fn setting(&mut self, key: &str) -> Result<Option<String>, AdminError> {
+        let rows = self.run("SHOW CONFIG").await?;
+        Ok(rows.into_iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) if row.try_get("key").ok()? == Some(key) => {
+                row.try_get("value").ok()?.map(str::to_owned)
+            }
+            _ => None,
+        }))
     }
 
     /// PgBouncer's version string, e.g. `PgBouncer 1.24.1`.
@@ -135,34 +146,28 @@ impl AdminConsole {
         }
     }
 
+    /// Through PgBouncer's socket in the daemon's directory when it is there, else over TCP.
     async fn connect(&self) -> Result<tokio_postgres::Client, AdminError> {
-        let unreachable = |source| AdminError::Unreachable {
-            at: self.at.clone(),
-            source,
-        };
-        let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
-        match &self.at {
-            ConsoleAddress::Tcp(addr) => {
-                let stream =
-                    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-                        .await
-                        .map_err(|_| unreachable(timed_out()))?
-                        .map_err(unreachable)?;
-                self.log_in(stream).await
+        match self.socket.as_ref().filter(|socket| socket.exists()) {
+            Some(path) => {
+                let at = ConsoleAddress::Unix(path.clone());
+                let stream = within_timeout(&at, tokio::net::UnixStream::connect(path)).await?;
+                self.log_in(stream, at).await
             }
-            ConsoleAddress::Unix(path) => {
-                let stream =
-                    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(path))
-                        .await
-                        .map_err(|_| unreachable(timed_out()))?
-                        .map_err(unreachable)?;
-                self.log_in(stream).await
+            None => {
+                let at = ConsoleAddress::Tcp(self.tcp);
+                let stream = within_timeout(&at, tokio::net::TcpStream::connect(self.tcp)).await?;
+                self.log_in(stream, at).await
             }
         }
     }
 
     /// Logs in over `stream`, answering only a SCRAM request (see [`ScramOnly`]).
-    async fn log_in<S>(&self, stream: S) -> Result<tokio_postgres::Client, AdminError>
+    async fn log_in<S>(
+        &self,
+        stream: S,
+        at: ConsoleAddress,
+    ) -> Result<tokio_postgres::Client, AdminError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -172,18 +177,12 @@ impl AdminConsole {
             tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect_raw(guarded, NoTls))
                 .await
                 .map_err(|_| AdminError::Unreachable {
-                    at: self.at.clone(),
+                    at: at.clone(),
                     source: std::io::Error::from(std::io::ErrorKind::TimedOut),
                 })?;
         let (client, connection) = connected.map_err(|source| match refusal.take() {
-            Some(why) => AdminError::NotScram {
-                at: self.at.clone(),
-                why,
-            },
-            None => AdminError::Connect {
-                at: self.at.clone(),
-                source,
-            },
+            Some(why) => AdminError::NotScram { at, why },
+            None => AdminError::Connect { at, source },
         })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -192,6 +191,19 @@ impl AdminConsole {
         });
         Ok(client)
     }
+}
+
+async fn within_timeout<T>(
+    at: &ConsoleAddress,
+    connecting: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, AdminError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .map_err(|source| AdminError::Unreachable {
+            at: at.clone(),
+            source,
+        })
 }
 
 /// A wildcard listen address is reached over loopback.
