@@ -180,8 +180,8 @@ pub async fn serve<L: TokenLookup>(
 /// So a flood of connections that say nothing slows PgBouncer's logins down but cannot stop
 /// them.
 ///
-/// On a unix socket, a peer whose uid (`SO_PEERCRED`) is not the daemon's own is closed at
-/// once, before it takes a slot: another local user cannot starve PgBouncer's logins however
+/// On a unix socket, a peer whose uid (`SO_PEERCRED`) is not the daemon's own (or root's) is
+/// closed at once, before it takes a slot: another local user cannot starve PgBouncer's logins however
 /// the socket's mode was set. Refusals are logged through [`LogThrottle`]s, so that a flood
 /// costs a line per interval, not one per connection.
 pub(crate) async fn serve_with<F, Fut>(
@@ -327,14 +327,16 @@ async fn accept(listener: &BoundListener) -> io::Result<(Stream, String)> {
     }
 }
 
-/// The peer's uid when the connection is a unix socket whose peer is not `own_uid`. A peer
-/// whose credentials cannot be read counts as foreign (`u32::MAX`).
+/// The peer's uid when the connection is a unix socket whose peer is neither `own_uid` nor
+/// root. Root is let through because it can read the daemon's memory and files anyway:
+/// refusing it would protect nothing. A peer whose credentials cannot be read counts as
+/// foreign (`u32::MAX`).
 fn foreign_uid(stream: &Stream, own_uid: u32) -> Option<u32> {
     let Stream::Unix(unix) = stream else {
         return None;
     };
     let uid = unix.peer_cred().map_or(u32::MAX, |cred| cred.uid());
-    (uid != own_uid).then_some(uid)
+    (uid != own_uid && uid != 0).then_some(uid)
 }
 
 /// Errors that concern only the connection being accepted.
