@@ -19,6 +19,11 @@ pub const AUTH_USER: &str = "aws_pgbouncer_auth";
 /// The query PgBouncer sends the endpoint; the endpoint reads only its parameter.
 const AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
 
+/// PgBouncer's wait after a failed server login in auth-query and passthrough modes: long
+/// enough not to hammer a server that refuses, short enough that a daemon restart costs
+/// logins about a second.
+const SERVER_LOGIN_RETRY_SECONDS: &str = "1";
+
 pub const PGBOUNCER_INI: &str = "pgbouncer.ini";
 pub const DATABASES_INI: &str = "databases.ini";
 pub const USERLIST: &str = "userlist.txt";
@@ -40,11 +45,15 @@ pub struct ServerTls<'a> {
 /// listen first, unless `[pgbouncer] unix_socket_dir` says otherwise (then the daemon uses
 /// TCP for the admin console).
 pub fn pgbouncer_socket_dir(settings: &Settings, dir: &Path) -> Option<PathBuf> {
-    let overridden = settings
+    (!user_sets(settings, "unix_socket_dir")).then(|| dir.to_owned())
+}
+
+/// Whether the user's `[pgbouncer]` table sets `key`: then a default of the daemon's yields.
+fn user_sets(settings: &Settings, key: &str) -> bool {
+    settings
         .pgbouncer_settings
         .iter()
-        .any(|(key, _)| key == "unix_socket_dir");
-    (!overridden).then(|| dir.to_owned())
+        .any(|(user_key, _)| user_key == key)
 }
 
 pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>) -> String {
@@ -69,13 +78,15 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>)
     if settings.mode != Mode::Config {
         set("auth_user", AUTH_USER);
         set("auth_query", AUTH_QUERY);
+        // Here the daemon is on PgBouncer's login path. PgBouncer remembers a failed server
+        // login for server_login_retry (15 s by default) and turns the pool's new clients away
+        // meanwhile, so a daemon restart of about a second would stall logins for 15 s.
+        if !user_sets(settings, "server_login_retry") {
+            set("server_login_retry", SERVER_LOGIN_RETRY_SECONDS);
+        }
     }
     // JDBC and many drivers send extra_float_digits; without this PgBouncer refuses them.
-    if !settings
-        .pgbouncer_settings
-        .iter()
-        .any(|(key, _)| key == "ignore_startup_parameters")
-    {
+    if !user_sets(settings, "ignore_startup_parameters") {
         set("ignore_startup_parameters", "extra_float_digits");
     }
     for (key, value) in &settings.pgbouncer_settings {
@@ -274,6 +285,48 @@ mod tests {
             allowed_users: vec![user.into()],
             options: vec![("pool_mode".into(), "transaction".into())],
         }
+    }
+
+    fn settings(mode: Mode, pgbouncer_settings: &[(&str, &str)]) -> Settings {
+        Settings {
+            mode,
+            pgbouncer_dir: "/run/aws-pgbouncer".into(),
+            listen: "127.0.0.1:6432".parse().unwrap(),
+            token_lifetime: std::time::Duration::from_secs(900),
+            server_tls_mode: crate::cli::TlsMode::VerifyFull,
+            server_ca_file: None,
+            databases: vec![database("app", "app_user")],
+            clients: Vec::new(),
+            pgbouncer_settings: pgbouncer_settings
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            auth_listen: crate::config::LocalListen::Unix { port: 6433 },
+            relay_listen: crate::config::LocalListen::Unix { port: 6434 },
+        }
+    }
+
+    fn rendered_ini(settings: &Settings) -> String {
+        let tls = ServerTls {
+            mode: "verify-full",
+            ca_file: None,
+        };
+        pgbouncer_ini(settings, Path::new("/run/aws-pgbouncer"), tls)
+    }
+
+    #[test]
+    fn a_failed_login_through_the_daemon_is_retried_after_one_second_unless_the_user_says() {
+        for mode in [Mode::AuthQuery, Mode::Passthrough] {
+            let ini = rendered_ini(&settings(mode, &[]));
+            assert_eq!(ini.matches("server_login_retry").count(), 1, "{ini}");
+            assert!(ini.contains("\nserver_login_retry = 1\n"), "{ini}");
+            let ini = rendered_ini(&settings(mode, &[("server_login_retry", "5")]));
+            assert_eq!(ini.matches("server_login_retry").count(), 1, "{ini}");
+            assert!(ini.contains("\nserver_login_retry = 5\n"), "{ini}");
+        }
+        // In config mode the daemon is not on the login path: PgBouncer's default stands.
+        let ini = rendered_ini(&settings(Mode::Config, &[]));
+        assert!(!ini.contains("server_login_retry"), "{ini}");
     }
 
     #[test]
