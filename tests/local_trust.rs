@@ -8,6 +8,7 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::daemon::{Daemon, database_flags};
@@ -409,4 +410,50 @@ async fn a_squatter_on_the_endpoint_port_gets_no_secret_from_pgbouncer() {
     for login in logins {
         login.abort();
     }
+}
+
+/// Without the sticky bit (as an `emptyDir` is made), another user who can write the
+/// directory can rename the daemon's `private` subdirectory away and put its own in its place,
+/// which PgBouncer would then read: the daemon cannot prevent it, so it says so. With the
+/// sticky bit (as /tmp has) the swap is impossible and nothing is said.
+#[test]
+fn a_shared_directory_without_the_sticky_bit_is_warned_about() {
+    const WARNING: &str = "the directory has no sticky bit";
+    let intruder = Testbed::locate().intruder();
+    let standin = Standin::start();
+    let args = database_flags(&standin, free_port(), 900);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let work = test_dir("no-sticky-bit");
+    let dir = world_writable_dir(work.path());
+    let mut daemon = Daemon::start(work.path(), &standin.static_creds(), &args);
+    daemon.wait_for_log(WARNING, Duration::from_secs(30));
+    // What the warning is about: the intruder swaps the daemon's subdirectory for its own.
+    intruder.sh(&format!(
+        "mv {0}/private {0}/moved && mkdir {0}/private",
+        dir.display()
+    ));
+    assert_ne!(
+        fs::metadata(dir.join("private")).unwrap().uid(),
+        fs::metadata(dir.join("moved")).unwrap().uid(),
+    );
+    drop(daemon);
+
+    let work = test_dir("sticky-bit");
+    let dir = world_writable_dir(work.path());
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    let mut daemon = Daemon::start(work.path(), &standin.static_creds(), &args);
+    daemon.wait_for_log("wrote PgBouncer's files", Duration::from_secs(30));
+    assert_eq!(daemon.count_in_log(WARNING), 0, "{}", daemon.log());
+    let swap = std::process::Command::new("mv")
+        .arg(dir.join("private"))
+        .arg(dir.join("moved"))
+        .uid(intruder.uid)
+        .gid(intruder.gid)
+        .output()
+        .unwrap();
+    assert!(
+        !swap.status.success() && String::from_utf8_lossy(&swap.stderr).contains("not permitted"),
+        "the sticky bit did not stop the swap: {swap:?}"
+    );
 }

@@ -129,6 +129,15 @@ pub fn prepare_dir(dir: &Path) -> Result<PathBuf, WriteError> {
             "{}: using the private subdirectory {PRIVATE_SUBDIR} there",
             describe_shared(&metadata)
         );
+        if metadata.mode() & STICKY == 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the directory has no sticky bit, so any user who can write it can rename \
+                 {PRIVATE_SUBDIR} away and put files of their own where PgBouncer reads; share it \
+                 only with PgBouncer (in Kubernetes, mount the emptyDir only into the daemon's \
+                 and PgBouncer's containers), or make it 1777 or the daemon's own"
+            );
+        }
         private
     };
     tempfile::Builder::new()
@@ -138,6 +147,10 @@ pub fn prepare_dir(dir: &Path) -> Result<PathBuf, WriteError> {
         .map_err(error(&chosen))?;
     Ok(chosen)
 }
+
+/// The sticky bit: in a directory that has it (such as /tmp), only an entry's owner may
+/// rename or remove it, so nobody can swap the daemon's private subdirectory for their own.
+const STICKY: u32 = 0o1000;
 
 /// Owned by the daemon's uid and writable by nobody else.
 fn is_private(metadata: &fs::Metadata) -> bool {
