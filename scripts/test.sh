@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test aws-pgbouncer has, after setting up what they need.
+# Runs every test aws-pgbouncer has, after setting up what they need: the Rust tests first,
+# then the containers, the compose demo and the Kubernetes pods.
 #
 # The integration tests run a real PgBouncer against a real PostgreSQL that checks IAM
 # tokens as RDS does (the stand-in), with botocore as the independent token oracle: the
@@ -20,3 +21,11 @@ else
 fi
 # The criterion benchmarks, once each, to prove they still run.
 cargo test --benches --locked
+
+# As users run it: the Kubernetes manifests against the API schema (offline), then the images
+# built from container/Dockerfile, the compose demo and the pods, each to a verdict. On a
+# 2-core machine the steps above take about 20 minutes and these about 20 more when cold
+# (podman, base images and the image's cargo build), less when podman's storage is warm.
+bash scripts/k8s-validate.sh
+bash scripts/containers.sh
+bash scripts/kube-play.sh
