@@ -74,6 +74,22 @@ stop_health_loop() {
     HEALTH_LOOP_PID=
 }
 
+# start_standin NAME: network NAME, the stand-in on it as host `standin`, its CA exported into
+# volume NAME-ca (mount it where the daemon and PgBouncer read /standin-ca/ca.crt); returns once
+# the stand-in's healthcheck passes.
+start_standin() {
+    local name=$1 deadline
+    podman network create "$name" >/dev/null
+    podman volume create "$name-ca" >/dev/null
+    podman run -d --name "$name-standin" --network "$name" --network-alias standin \
+        -e STANDIN_CA_EXPORT=/standin-ca -v "$name-ca:/standin-ca" "$IMAGE_STANDIN" >/dev/null
+    deadline=$(($(now) + 120))
+    until podman healthcheck run "$name-standin" >/dev/null 2>&1; do
+        [ "$(now)" -lt "$deadline" ] || { podman logs "$name-standin" >&2; die "the stand-in did not become healthy"; }
+        sleep 1
+    done
+}
+
 # The value of a counter (summed over its labels) from a Prometheus text page on stdin.
 metric_sum() { awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { print s + 0 }'; }
 

@@ -37,15 +37,7 @@ cleanup() {
 trap cleanup EXIT
 cleanup
 
-podman network create "$NAME" >/dev/null
-podman volume create "$NAME-ca" >/dev/null
-podman run -d --name "$NAME-standin" --network "$NAME" --network-alias standin \
-    -e STANDIN_CA_EXPORT=/standin-ca -v "$NAME-ca:/standin-ca" "$IMAGE_STANDIN" >/dev/null
-deadline=$(($(now) + 120))
-until podman healthcheck run "$NAME-standin" >/dev/null 2>&1; do
-    [ "$(now)" -lt "$deadline" ] || { podman logs "$NAME-standin" >&2; die "the stand-in did not become healthy"; }
-    sleep 1
-done
+start_standin "$NAME"
 
 # The app: a new connection per query; a line per query: start, end, ok or FAILED and why.
 APP_LOOP='while :; do

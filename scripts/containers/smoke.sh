@@ -30,15 +30,7 @@ if podman run --rm --entrypoint sh "$IMAGE_RUNTIME" -c true >/dev/null 2>&1; the
     die "the runtime image has a shell"
 fi
 
-podman network create "$NAME" >/dev/null
-podman volume create "$NAME-ca" >/dev/null
-podman run -d --name "$NAME-standin" --network "$NAME" --network-alias standin \
-    -e STANDIN_CA_EXPORT=/standin-ca -v "$NAME-ca:/standin-ca" "$IMAGE_STANDIN" >/dev/null
-deadline=$(($(now) + 120))
-until podman healthcheck run "$NAME-standin" >/dev/null 2>&1; do
-    [ "$(now)" -lt "$deadline" ] || { podman logs "$NAME-standin" >&2; die "the stand-in did not become healthy"; }
-    sleep 1
-done
+start_standin "$NAME"
 # The old shell sidecar's variables; the keys are the stand-in's test keys.
 podman run -d --name "$NAME-supervised" --network "$NAME" -v "$NAME-ca:/standin-ca:ro" \
     -e AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE \
