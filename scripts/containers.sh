@@ -20,8 +20,8 @@
 # Exits non-zero on any failure; ends with a summary of what ran, how long each step took and
 # which PgBouncer the supervised image holds.
 #
-# Environment: AWS_PGBOUNCER_IMAGE_BUILD_ARGS (extra `podman build` arguments; default
-# "--build-arg PGBOUNCER_FROM=debian", as PgBouncer's release source is out of reach here),
+# Environment: AWS_PGBOUNCER_IMAGE_BUILD_ARGS (extra `podman build` arguments; by default none
+# where PgBouncer's release tarball can be downloaded, else "--build-arg PGBOUNCER_FROM=debian"),
 # AWS_PGBOUNCER_REBUILD_BASES=1 (remake the bases), AWS_PGBOUNCER_RDS_CA_BUNDLE_URL.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,7 +32,19 @@ steps=("$@")
 for step in "${steps[@]}"; do
     [ -f "$HERE/containers/$step.sh" ] || die "no step '$step' (see the top of $0)"
 done
-export AWS_PGBOUNCER_IMAGE_BUILD_ARGS=${AWS_PGBOUNCER_IMAGE_BUILD_ARGS---build-arg PGBOUNCER_FROM=debian}
+if [ -z "${AWS_PGBOUNCER_IMAGE_BUILD_ARGS+set}" ]; then
+    # The supervised image's default PgBouncer is the release the Dockerfile pins; a machine
+    # that cannot download it (this project's CI machines cannot) builds Debian's instead.
+    release=$(sed -n 's/^ARG PGBOUNCER_VERSION=//p' "$HERE/../container/Dockerfile")
+    if curl -fsSI --max-time 10 -o /dev/null \
+        "https://www.pgbouncer.org/downloads/files/$release/pgbouncer-$release.tar.gz"; then
+        AWS_PGBOUNCER_IMAGE_BUILD_ARGS=
+    else
+        say "PgBouncer $release's release tarball cannot be downloaded here: the supervised image takes Debian's package (PGBOUNCER_FROM=debian)"
+        AWS_PGBOUNCER_IMAGE_BUILD_ARGS="--build-arg PGBOUNCER_FROM=debian"
+    fi
+fi
+export AWS_PGBOUNCER_IMAGE_BUILD_ARGS
 
 summary=()
 print_summary() {

@@ -941,6 +941,30 @@ fn dockerfiles_pin_their_bases_and_copy_what_exists() {
             .any(|i| i.keyword == "RUN" && i.args.contains("pgbouncer --version")),
         "the supervised image proves its PgBouncer version at build time"
     );
+    // The default build takes PgBouncer's release tarball, so it must work without build
+    // arguments: a pinned version with its checksum, which the stage checks.
+    let default_of = |name: &str| {
+        all.iter()
+            .find_map(|i| {
+                (i.keyword == "ARG")
+                    .then(|| i.args.strip_prefix(&format!("{name}=")))
+                    .flatten()
+            })
+            .unwrap_or_else(|| panic!("ARG {name} has no default"))
+    };
+    assert_eq!(default_of("PGBOUNCER_FROM"), "release");
+    assert_eq!(default_of("PGBOUNCER_VERSION"), "1.26.1");
+    let checksum = default_of("PGBOUNCER_SHA256");
+    assert!(
+        checksum.len() == 64 && checksum.bytes().all(|b| b.is_ascii_hexdigit()),
+        "PGBOUNCER_SHA256 must default to a SHA-256, not {checksum:?}"
+    );
+    assert!(
+        stage(&all, "pgbouncer").iter().any(|i| i.keyword == "RUN"
+            && i.args
+                .contains(r#"echo "$PGBOUNCER_SHA256  pgbouncer.tar.gz" | sha256sum -c -"#)),
+        "the release tarball is checked against PGBOUNCER_SHA256"
+    );
     assert!(flags.contains("--supervise"));
 
     let standin = check_dockerfile("container/standin/Dockerfile");
