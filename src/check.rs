@@ -8,10 +8,10 @@
 
 use crate::cli::{RunArgs, TlsMode};
 use crate::config::{Database, Settings};
+use crate::error_text::one_line;
 use crate::token::{self, TokenKey};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::ProvideCredentials;
-use aws_smithy_types::error::display::DisplayErrorContext;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
@@ -59,8 +59,6 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
             ),
             Err(diagnosis) => {
                 failed += 1;
-                // The SDK's credential errors list each provider on a line of its own.
-                let diagnosis = diagnosis.split_whitespace().collect::<Vec<_>>().join(" ");
                 println!("FAIL  {} ({target}): {diagnosis}", database.name);
             }
         }
@@ -125,7 +123,7 @@ async fn check_database(
     drop(client);
     // The connection ends once the client is gone; its own error, if any, adds nothing.
     let _ = driver.await;
-    answer.map_err(|error| format!("logged in, but SELECT 1 failed: {}", describe(&error)))?;
+    answer.map_err(|error| format!("logged in, but SELECT 1 failed: {}", one_line(&error)))?;
     Ok(Timing { login, query })
 }
 
@@ -138,7 +136,7 @@ async fn fetch_credentials(region: &str) -> Result<Credentials, String> {
             format!(
                 "no AWS credentials: none of the environment, the AWS profile, web identity \
                  (IRSA), the container endpoint or the instance role provided any ({})",
-                DisplayErrorContext(&error)
+                one_line(&error)
             )
         })
 }
@@ -320,19 +318,7 @@ fn diagnose(error: &tokio_postgres::Error, target: &TokenKey, settings: &Setting
             _ => format!("network: talking to {endpoint} failed: {text}"),
         };
     }
-    format!("could not log in to {endpoint}: {}", describe(error))
-}
-
-/// An error with its causes, for the cases no rule above explains.
-fn describe(error: &tokio_postgres::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    format!("could not log in to {endpoint}: {}", one_line(error))
 }
 
 type Cause = dyn std::error::Error + 'static;

@@ -8,7 +8,8 @@
 //! - [`pgbouncer`] renders PgBouncer's files and talks to its admin console;
 //! - [`daemon`] ties them together for `aws-pgbouncer run`;
 //! - [`http`] and [`metrics`] serve probes and Prometheus metrics;
-//! - [`check`], [`wait`] and [`shutdown`] are the `check`, `wait` and `shutdown` commands.
+//! - [`check`], [`wait`] and [`shutdown`] are the `check`, `wait` and `shutdown` commands;
+//! - [`error_text`] turns errors into the one-line messages all of them print.
 
 pub mod backoff;
 pub mod ca_bundle;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod endpoint;
+pub mod error_text;
 pub mod fd_limit;
 pub mod http;
 mod local_http;

@@ -1,8 +1,8 @@
 use aws_credential_types::provider::ProvideCredentials;
 use aws_pgbouncer::cli::{Cli, Command, TokenArgs};
 use aws_pgbouncer::daemon::Outcome;
+use aws_pgbouncer::error_text::one_line;
 use aws_pgbouncer::token::{self, TokenKey};
-use aws_smithy_types::error::display::DisplayErrorContext;
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -53,12 +53,7 @@ async fn print_token(args: TokenArgs) -> Result<(), String> {
         .await
         .provide_credentials()
         .await
-        .map_err(|error| {
-            format!(
-                "could not get AWS credentials: {}",
-                DisplayErrorContext(&error)
-            )
-        })?;
+        .map_err(|error| format!("could not get AWS credentials: {}", one_line(&error)))?;
     let key = TokenKey {
         host: args.host,
         port: args.port,

@@ -43,6 +43,11 @@ impl Run {
 /// Runs `check` with nothing from this environment but the AWS keys given, so that neither a
 /// developer's profile nor an instance role can change the outcome.
 fn check(creds: Option<&Creds>, args: &[&str]) -> Run {
+    check_with_env(creds, &[], args)
+}
+
+/// As [`check`], with extra environment variables.
+fn check_with_env(creds: Option<&Creds>, env: &[(&str, &str)], args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_aws-pgbouncer"));
     cmd.arg("check")
         .args(args)
@@ -57,6 +62,7 @@ fn check(creds: Option<&Creds>, args: &[&str]) -> Run {
         cmd.env("AWS_ACCESS_KEY_ID", &creds.akid)
             .env("AWS_SECRET_ACCESS_KEY", &creds.secret);
     }
+    cmd.envs(env.iter().copied());
     let output = cmd.output().expect("run aws-pgbouncer check");
     let run = Run {
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -197,4 +203,35 @@ fn explains_each_failure() {
     .assert_failed_with(&[&format!(
         "network: connection to {STANDIN_HOST}:{closed} refused"
     )]);
+}
+
+/// A credential source that answers with an error is explained in one line of causes, not
+/// with the AWS SDK's nested `Debug` dump of its error and the HTTP response.
+#[test]
+fn a_failing_credential_source_is_explained_without_the_sdks_debug_dump() {
+    let standin = Standin::start();
+    let server = support::credentials_server::CredentialServer::start(
+        &standin,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(120),
+        1,
+    );
+    server.set_failing(true);
+    let uri = server.uri();
+    let flags = flags(standin.port(), "app_user", REGION, &standin.ca_path());
+    let run = check_with_env(
+        None,
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri)],
+        &as_strs(&flags),
+    );
+    run.assert_failed_with(&["no AWS credentials"]);
+    assert!(server.requests() > 0, "the credential source was not asked");
+    for dump in [
+        "ProviderError {",
+        "Response {",
+        "Unhandled {",
+        "CredentialsNotLoaded {",
+    ] {
+        assert!(!run.stdout.contains(dump), "{dump} in: {}", run.stdout);
+    }
 }

@@ -5,8 +5,25 @@
 mod support;
 
 use std::process::Output;
-use support::daemon::command;
-use support::{Creds, Moto, REGION, Standin, mint_token, test_dir, write_file};
+use std::time::Duration;
+use support::credentials_server::CredentialServer;
+use support::daemon::{Daemon, command, database_flags};
+use support::{Creds, Moto, REGION, Standin, free_port, mint_token, test_dir, write_file};
+
+/// What the AWS SDK's `Debug` output of a credential error looks like: nested structs, whole
+/// HTTP responses. None of it belongs in a message or a log line.
+const SDK_DUMPS: [&str; 4] = [
+    "ProviderError {",
+    "Response {",
+    "Unhandled {",
+    "CredentialsNotLoaded {",
+];
+
+fn assert_no_sdk_dump(text: &str) {
+    for dump in SDK_DUMPS {
+        assert!(!text.contains(dump), "{dump} in: {text}");
+    }
+}
 
 fn token(creds: Option<&Creds>, env: &[(&str, &str)], host: &str, port: u16, user: &str) -> Output {
     let mut cmd = command(creds);
@@ -137,6 +154,54 @@ fn no_credentials_is_a_clear_error() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("could not get AWS credentials"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_no_sdk_dump(&stderr);
+}
+
+/// A credential source that answers 500, and one that does not answer: `token` prints one
+/// line of causes, and `run` warns with the same while it retries.
+#[test]
+fn a_failing_credential_source_is_one_line_of_causes() {
+    let standin = Standin::start();
+    let server = CredentialServer::start(
+        &standin,
+        Duration::from_secs(60),
+        Duration::from_secs(120),
+        1,
+    );
+    server.set_failing(true);
+    let closed = format!("http://127.0.0.1:{}/credentials", free_port());
+    for (uri, cause) in [
+        (server.uri(), "StatusCode(500)"),
+        (closed, "Connection refused"),
+    ] {
+        let env = [
+            ("AWS_REGION", REGION),
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri),
+        ];
+        let output = token(None, &env, "localhost", 5432, "app_user");
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("could not get AWS credentials"), "{stderr}");
+        assert!(stderr.contains(cause), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert_no_sdk_dump(&stderr);
+    }
+
+    let work = test_dir("failing-source");
+    let flags = database_flags(&standin, free_port(), 60);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let uri = server.uri();
+    let mut daemon = Daemon::start_with_env(
+        work.path(),
+        None,
+        &[("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri)],
+        &flags,
+    );
+    daemon.wait_for_log("token refresh failed", Duration::from_secs(30));
+    let log = daemon.log();
+    assert!(log.contains("StatusCode(500)"), "{log}");
+    assert_no_sdk_dump(&log);
 }
 
 #[test]

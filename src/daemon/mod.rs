@@ -78,6 +78,11 @@ const CAPPED_AT_DEBUG: &[&str] = &[
     "tokio_postgres",
 ];
 
+/// aws-config's credential chain warns of each provider that failed with the SDK's `Debug`
+/// dump of the error (nested structs, the HTTP response). The daemon's own "token refresh
+/// failed" warning gives the same causes on one line, so the chain logs errors only.
+const CREDENTIAL_CHAIN: &str = "aws_config::meta::credentials::chain";
+
 /// One line per event on stderr, levels from `RUST_LOG` (default info), within the caps.
 pub fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
@@ -91,7 +96,8 @@ pub fn init_logging(format: LogFormat) {
             CAPPED_AT_DEBUG
                 .iter()
                 .map(|target| (*target, LevelFilter::DEBUG)),
-        );
+        )
+        .with_target(CREDENTIAL_CHAIN, LevelFilter::ERROR);
     let registry = tracing_subscriber::registry().with(caps).with(requested);
     let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {

@@ -85,7 +85,7 @@ impl CredentialCache {
             Err(error) => match held.as_ref() {
                 Some(current) if current.usable_until(self.wanted_life) >= now + self.min_life => {
                     tracing::warn!(
-                        error = %aws_smithy_types::error::display::DisplayErrorContext(&error),
+                        error = %crate::error_text::one_line(&error),
                         "credential refresh failed; signing with the credentials still held"
                     );
                     Ok(current.credentials.clone())

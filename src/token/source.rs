@@ -8,8 +8,8 @@
 
 use super::credentials::{CredentialCache, minimum_life};
 use super::{AuthToken, MintError, TokenKey, check_pgbouncer_limit, mint};
+use crate::error_text::one_line;
 use aws_credential_types::provider::error::CredentialsError;
-use aws_smithy_types::error::display::DisplayErrorContext;
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
@@ -94,7 +94,7 @@ impl From<CredentialsError> for TokenError {
         };
         TokenError::Credentials {
             cause,
-            message: DisplayErrorContext(&error).to_string(),
+            message: one_line(&error),
         }
     }
 }
