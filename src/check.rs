@@ -6,8 +6,7 @@
 //! (credentials, token, TLS with the same mode and CA bundle, login), so a deployment can run
 //! it first and an operator can run it beside a broken daemon.
 
-use crate::cli::{RunArgs, TlsMode};
-use crate::config::{Database, Settings};
+use crate::config::{Database, Settings, TlsMode};
 use crate::error_text::one_line;
 use crate::token::{self, TokenKey};
 use aws_credential_types::Credentials;
@@ -32,8 +31,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Prints one line per database; `Err` (the caller exits non-zero) when any check failed or
 /// the settings are unusable.
-pub async fn run(args: &RunArgs) -> Result<(), String> {
-    let settings = Settings::resolve(args).await?;
+pub async fn run(settings: &Settings) -> Result<(), String> {
     let tls = tls_connector(settings.server_tls_mode, settings.server_ca_file.as_deref())?;
     let mut credentials = HashMap::new();
     let mut failed = 0;
@@ -41,7 +39,7 @@ pub async fn run(args: &RunArgs) -> Result<(), String> {
         let target = &database.target;
         let outcome = tokio::time::timeout(
             CHECK_TIMEOUT,
-            check_database(database, &settings, &tls, &mut credentials),
+            check_login(database, target, settings, &tls, &mut credentials),
         )
         .await
         .unwrap_or_else(|_| {
@@ -77,13 +75,13 @@ struct Timing {
     query: Duration,
 }
 
-async fn check_database(
+async fn check_login(
     database: &Database,
+    target: &TokenKey,
     settings: &Settings,
     tls: &MakeRustlsConnect,
     credentials: &mut HashMap<String, Result<Credentials, String>>,
 ) -> Result<Timing, String> {
-    let target = &database.target;
     let credentials = match credentials.get(&target.region) {
         Some(held) => held.clone(),
         None => {

@@ -1,6 +1,7 @@
 //! Command-line interface. Every `run` flag can also come from an `AWS_PGBOUNCER_*` variable,
 //! so that container manifests configure the daemon without a wrapper script.
 
+use crate::config::{Mode, TlsMode};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -65,49 +66,6 @@ pub struct TokenArgs {
     pub expires_in: u64,
 }
 
-/// How the daemon hands tokens to PgBouncer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Write each token into the rendered pgbouncer.ini and RELOAD PgBouncer.
-    Config,
-    /// Answer PgBouncer's auth_query with fresh tokens from a local endpoint.
-    AuthQuery,
-    /// Relay PgBouncer's server connections, logging each in with a token minted for it.
-    Passthrough,
-}
-
-/// PgBouncer's `server_tls_sslmode` values, weakest first (the order compares them).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Deserialize,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum TlsMode {
-    Disable,
-    Allow,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl TlsMode {
-    pub fn as_pgbouncer(self) -> &'static str {
-        match self {
-            TlsMode::Disable => "disable",
-            TlsMode::Allow => "allow",
-            TlsMode::Prefer => "prefer",
-            TlsMode::Require => "require",
-            TlsMode::VerifyCa => "verify-ca",
-            TlsMode::VerifyFull => "verify-full",
-        }
-    }
-
-    pub fn verifies_certificate(self) -> bool {
-        matches!(self, TlsMode::VerifyCa | TlsMode::VerifyFull)
-    }
-}
-
 /// Settings for `run`. Flags win over their environment variables, which win over the config
 /// file, which wins over the defaults named in each help text.
 #[derive(Debug, Args)]
@@ -164,7 +122,7 @@ pub struct RunArgs {
     #[arg(long, env = "AWS_PGBOUNCER_SERVER_CA_FILE")]
     pub server_ca_file: Option<std::path::PathBuf>,
     /// The tokens' lifetime (X-Amz-Expires) in seconds, 1 to 900 [default: 900].
-    #[arg(long, env = "AWS_PGBOUNCER_TOKEN_LIFETIME")]
+    #[arg(long, env = "AWS_PGBOUNCER_TOKEN_LIFETIME", value_parser = clap::value_parser!(u64).range(1..=900))]
     pub token_lifetime: Option<u64>,
     /// Start PgBouncer as a child process on the rendered config, as the old single-container
     /// sidecar did, and stop with it.

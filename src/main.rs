@@ -1,5 +1,6 @@
 use aws_credential_types::provider::ProvideCredentials;
 use aws_pgbouncer::cli::{Cli, Command, TokenArgs};
+use aws_pgbouncer::config::Settings;
 use aws_pgbouncer::daemon::Outcome;
 use aws_pgbouncer::error_text::one_line;
 use aws_pgbouncer::token::{self, TokenKey};
@@ -15,7 +16,10 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Token(args) => print_token(args).await,
-        Command::Check(args) => aws_pgbouncer::check::run(&args).await,
+        Command::Check(args) => match Settings::resolve(&args).await {
+            Ok(settings) => aws_pgbouncer::check::run(&settings).await,
+            Err(message) => Err(message),
+        },
         Command::Wait(args) => aws_pgbouncer::wait::run(&args).await,
         Command::Shutdown(args) => aws_pgbouncer::shutdown::run(&args).await,
         Command::Run(args) => {
@@ -25,11 +29,14 @@ async fn main() -> ExitCode {
                 Ok(soft) => tracing::debug!(soft, "RLIMIT_NOFILE raised to the hard limit"),
                 Err(error) => tracing::warn!(%error, "cannot raise RLIMIT_NOFILE"),
             }
-            let outcome = aws_pgbouncer::daemon::run(&args).await;
+            let outcome = match Settings::resolve(&args).await {
+                Ok(settings) => aws_pgbouncer::daemon::run(settings).await,
+                Err(message) => Outcome::Failed(message),
+            };
             match &outcome {
+                // Once, in the log's own format, so that a JSON log stays JSON.
                 Outcome::Failed(message) | Outcome::PgBouncerExited(message) => {
                     tracing::error!("{message}");
-                    eprintln!("aws-pgbouncer: {message}");
                 }
                 Outcome::Signalled { .. } | Outcome::Requested => {}
             }

@@ -25,6 +25,14 @@ fn assert_refused(output: &Output, code: i32, expected: &str) {
         stderr.contains(expected),
         "expected {expected:?} in: {stderr}"
     );
+    // A settings error is fatal, and a fatal error is printed once.
+    if code == 1 {
+        assert_eq!(
+            stderr.matches(expected).count(),
+            1,
+            "{expected:?} printed more than once: {stderr}"
+        );
+    }
     assert!(
         !stderr.contains("not-a-real-secret"),
         "a secret leaked: {stderr}"
@@ -69,11 +77,45 @@ fn unknown_config_keys_are_refused() {
     assert_refused(&output, 1, "line 1");
 }
 
+/// A bad flag or variable is a usage error (exit 2, clap's message); a bad value in the file
+/// is a settings error (exit 1). Either is printed once.
 #[test]
 fn token_lifetime_over_900_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let output = run_in(dir.path(), ONE_DATABASE, &["--token-lifetime", "901"]);
+    assert_refused(&output, 2, "901 is not in 1..=900");
+    let output = run(
+        &["run", "--host", "h"],
+        &[("AWS_PGBOUNCER_TOKEN_LIFETIME", "0")],
+    );
+    assert_refused(&output, 2, "0 is not in 1..=900");
+    let config = format!("token_lifetime = 901\n{ONE_DATABASE}");
+    let output = run_in(dir.path(), &config, &[]);
     assert_refused(&output, 1, "token lifetime 901 s is out of range");
+}
+
+/// The file's enums are parsed by serde from the same types as the flags, so the values the
+/// error lists are the values accepted, all of them.
+#[test]
+fn a_bad_mode_in_the_file_lists_every_valid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_in(
+        dir.path(),
+        &format!("mode = \"magic\"\n{ONE_DATABASE}"),
+        &[],
+    );
+    assert_refused(
+        &output,
+        1,
+        "unknown variant `magic`, expected one of `config`, `auth-query`, `passthrough`",
+    );
+    let config = format!("server_tls_mode = \"sometimes\"\n{ONE_DATABASE}");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(
+        &output,
+        1,
+        "expected one of `disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full`",
+    );
 }
 
 #[test]

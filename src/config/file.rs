@@ -1,6 +1,7 @@
 //! The TOML configuration file, for set-ups with several databases or PgBouncer tuning.
 //! Unknown keys are errors: a misspelt setting that is silently ignored is how an outage starts.
 
+use super::{Mode, TlsMode};
 use secrecy::SecretString;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -9,12 +10,12 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
-    pub mode: Option<String>,
+    pub mode: Option<Mode>,
     pub pgbouncer_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub region: Option<String>,
     pub token_lifetime: Option<u64>,
-    pub server_tls_mode: Option<String>,
+    pub server_tls_mode: Option<TlsMode>,
     pub server_ca_file: Option<PathBuf>,
     pub auth_listen: Option<String>,
     pub relay_listen: Option<String>,

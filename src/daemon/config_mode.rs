@@ -4,14 +4,15 @@
 //! caller tells PgBouncer to RELOAD. A RELOAD that changes only passwords keeps server
 //! connections open, and new server logins use the new token.
 
+use super::running_mode::Start;
 use crate::backoff;
-use crate::config::{Database, Settings};
+use crate::config::Database;
 use crate::pgbouncer::files::write_atomically;
-use crate::pgbouncer::render::{self, DATABASES_INI, PGBOUNCER_INI};
+use crate::pgbouncer::render::{self, DATABASES_INI};
 use crate::token::{AuthToken, FreshToken, TokenSource};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -25,12 +26,14 @@ pub struct ConfigMode {
 impl ConfigMode {
     /// Mints the first tokens (retrying until the credential source answers) and writes all
     /// of PgBouncer's files.
-    pub async fn start(
-        settings: &Settings,
-        dir: &Path,
-        admin_secret: &SecretString,
-        source: &Arc<TokenSource>,
-    ) -> Result<Self, String> {
+    pub async fn start(start: &Start<'_>) -> Result<Self, String> {
+        let Start {
+            settings,
+            dir,
+            admin_secret,
+            source,
+            ..
+        } = *start;
         let mut tokens = TokenTable::default();
         backoff::retry_until(async || tokens.fill(source, &settings.databases).await).await;
         let written = tokens.render(&settings.databases);
@@ -50,10 +53,6 @@ impl ConfigMode {
             tokens,
             written,
         })
-    }
-
-    pub fn ini_path(&self) -> PathBuf {
-        self.dir.join(PGBOUNCER_INI)
     }
 
     /// Rewrites `databases.ini` if any token changed; true when PgBouncer should reload.

@@ -4,27 +4,33 @@
 //! port claimed before any token is minted, so that bad input fails at once; `/startupz`
 //! turns green only once PgBouncer has re-read files holding the first tokens.
 
+mod auth_endpoint;
 mod auth_query_mode;
 mod config_mode;
+mod logging;
+mod passthrough_mode;
 mod reloader;
+mod running_mode;
+mod signals;
 mod state;
 
-use crate::cli::{LogFormat, Mode, RunArgs};
+pub use logging::init_logging;
+
 use crate::config::Settings;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::pgbouncer::admin::AdminConsole;
 use crate::pgbouncer::files::{load_or_create_secret, prepare_dir};
+use crate::pgbouncer::render::PGBOUNCER_INI;
 use crate::pgbouncer::supervise::Supervised;
-use crate::token::{CredentialCache, Presenter, TokenSource, default_chain};
-use auth_query_mode::AuthQueryMode;
-use config_mode::ConfigMode;
+use crate::token::{CredentialCache, TokenSource, default_chain};
 use reloader::Reloader;
+use running_mode::{RunningMode, Start};
+use signals::{Received, Signals, Stop};
 use state::DaemonState;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
 const ADMIN_SECRET_FILE: &str = "admin-secret";
@@ -58,92 +64,39 @@ impl Outcome {
     }
 }
 
-/// Libraries whose trace output carries secrets: aws-sigv4 logs canonical requests with the
-/// session token, the smithy runtime logs whole HTTP responses (credentials from STS, IMDS or
-/// the container endpoint), and the network crates log the bytes they move. They never log
-/// below debug, whatever `RUST_LOG` says; `tests/operability.rs` scans a trace-level run.
-const CAPPED_AT_DEBUG: &[&str] = &[
-    "aws_config",
-    "aws_runtime",
-    "aws_sigv4",
-    "aws_smithy_http",
-    "aws_smithy_http_client",
-    "aws_smithy_runtime",
-    "aws_smithy_runtime_api",
-    "h2",
-    "hyper",
-    "hyper_util",
-    "postgres_protocol",
-    "rustls",
-    "tokio_postgres",
-];
-
-/// aws-config's credential chain warns of each provider that failed with the SDK's `Debug`
-/// dump of the error (nested structs, the HTTP response). The daemon's own "token refresh
-/// failed" warning gives the same causes on one line, so the chain logs errors only.
-const CREDENTIAL_CHAIN: &str = "aws_config::meta::credentials::chain";
-
-/// One line per event on stderr, levels from `RUST_LOG` (default info), within the caps.
-pub fn init_logging(format: LogFormat) {
-    use std::io::IsTerminal;
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::prelude::*;
-    let requested = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let caps = Targets::new()
-        .with_default(LevelFilter::TRACE)
-        .with_targets(
-            CAPPED_AT_DEBUG
-                .iter()
-                .map(|target| (*target, LevelFilter::DEBUG)),
-        )
-        .with_target(CREDENTIAL_CHAIN, LevelFilter::ERROR);
-    let registry = tracing_subscriber::registry().with(caps).with(requested);
-    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => registry.with(lines.json().flatten_event(true)).init(),
-        LogFormat::Text => registry
-            .with(lines.with_ansi(std::io::stderr().is_terminal()))
-            .init(),
-    }
-}
-
-pub async fn run(args: &RunArgs) -> Outcome {
-    let settings = match Settings::resolve(args).await {
-        Ok(settings) => settings,
-        Err(message) => return Outcome::Failed(message),
-    };
-    let quit = args.quitquitquit.then(|| Arc::new(Notify::new()));
-    run_with(settings, args, Signals::install(quit))
+pub async fn run(settings: Settings) -> Outcome {
+    let quit = settings
+        .lifecycle
+        .quitquitquit
+        .then(|| Arc::new(Notify::new()));
+    run_with(settings, Signals::install(quit))
         .await
         .unwrap_or_else(Outcome::Failed)
 }
 
-async fn run_with(
-    settings: Settings,
-    args: &RunArgs,
-    mut signals: Signals,
-) -> Result<Outcome, String> {
+async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, String> {
+    let lifecycle = &settings.lifecycle;
     let dir = prepare_dir(&settings.pgbouncer_dir).map_err(|error| error.to_string())?;
     let dir = dir
         .canonicalize()
         .map_err(|error| format!("{}: {error}", dir.display()))?;
     let admin_secret =
         load_or_create_secret(&dir, ADMIN_SECRET_FILE).map_err(|error| error.to_string())?;
-    let http_listener = tokio::net::TcpListener::bind(&args.http_listen)
+    let http_listener = tokio::net::TcpListener::bind(&lifecycle.http_listen)
         .await
-        .map_err(|error| format!("cannot listen on {} for HTTP: {error}", args.http_listen))?;
+        .map_err(|error| {
+            format!(
+                "cannot listen on {} for HTTP: {error}",
+                lifecycle.http_listen
+            )
+        })?;
 
     // STS needs a region for web identity; the first database's is as good as any.
     let provider = default_chain(&settings.databases[0].target.region).await;
-    let presenter = match settings.mode {
-        Mode::Config | Mode::AuthQuery => Presenter::PgBouncer,
-        Mode::Passthrough => Presenter::Relay,
-    };
     let source = TokenSource::new(
         CredentialCache::new(provider, settings.token_lifetime),
         settings.token_lifetime,
-        presenter,
+        running_mode::presenter(&settings.mode),
     );
     let targets = settings
         .databases
@@ -175,20 +128,17 @@ async fn run_with(
     ));
 
     let mut generations = source.subscribe();
-    let starting = async {
-        Ok::<_, String>(match settings.mode {
-            Mode::Config => {
-                Handler::Config(ConfigMode::start(&settings, &dir, &admin_secret, &source).await?)
-            }
-            Mode::AuthQuery | Mode::Passthrough => Handler::AuthQuery(
-                AuthQueryMode::start(&settings, &dir, &admin_secret, &source, &metrics, &stopped)
-                    .await?,
-            ),
-        })
+    let start = Start {
+        settings: &settings,
+        dir: &dir,
+        admin_secret: &admin_secret,
+        source: &source,
+        metrics: &metrics,
     };
+    let starting = RunningMode::start(&start, &stopped);
     let mut mode = tokio::select! {
         mode = starting => mode?,
-        stop = signals.next_stop() => return Ok(stop.outcome(args)),
+        stop = signals.next_stop() => return Ok(stop.outcome(lifecycle)),
     };
     metrics.set_credentials_expiry(mode.credentials_expiry());
 
@@ -198,13 +148,13 @@ async fn run_with(
             crate::pgbouncer::render::pgbouncer_socket_dir(&settings, &dir).as_deref(),
             &admin_secret,
         ),
-        expected_server_tls(&settings),
+        running_mode::expected_server_tls(&settings),
         state.clone(),
         metrics.clone(),
     );
-    let mut child = match args.supervise {
-        true => Some(Supervised::start(&args.pgbouncer_bin, &mode.ini_path())?),
-        false => None,
+    let mut child = match &lifecycle.supervise {
+        Some(pgbouncer_bin) => Some(Supervised::start(pgbouncer_bin, &dir.join(PGBOUNCER_INI))?),
+        None => None,
     };
     // A PgBouncer that was already running still holds whatever it read before; one that
     // just started has read these files, and the RELOAD confirms it for /startupz.
@@ -233,12 +183,12 @@ async fn run_with(
                     // A second stop signal cuts the lingering short.
                     Some(_) => break,
                     None => {
-                        tracing::info!(cause = %stop, min_delay_secs = args.min_shutdown_delay, "stopping: readiness is now 503");
+                        tracing::info!(cause = %stop, min_delay_secs = lifecycle.min_shutdown_delay.as_secs(), "stopping: readiness is now 503");
                         state.mark_stopping();
                         stopping = Some(Stopping {
                             stop,
                             began: Instant::now(),
-                            linger_until: Instant::now() + Duration::from_secs(args.min_shutdown_delay),
+                            linger_until: Instant::now() + lifecycle.min_shutdown_delay,
                         });
                     }
                 },
@@ -256,29 +206,15 @@ async fn run_with(
     }
     let stopping = stopping.expect("the loop ends only when stopping");
     if let Some(child) = child.as_mut() {
-        let bound = Duration::from_secs(args.max_shutdown_delay)
+        let bound = lifecycle
+            .max_shutdown_delay
             .saturating_sub(stopping.began.elapsed())
             .max(Duration::from_secs(1));
         let status = child.stop(bound).await;
         tracing::info!(?status, "PgBouncer stopped");
     }
     drop(stop_serving);
-    Ok(stopping.stop.outcome(args))
-}
-
-/// The `server_tls_sslmode` PgBouncer should run with: the daemon's own setting, and in
-/// passthrough mode `verify-full` when a leg to the daemon is on TCP (over unix sockets
-/// PgBouncer never starts TLS, so nothing is to be checked).
-fn expected_server_tls(settings: &Settings) -> Option<crate::cli::TlsMode> {
-    use crate::config::LocalListen;
-    match settings.mode {
-        Mode::Passthrough => {
-            let tcp = |listen: &LocalListen| matches!(listen, LocalListen::Tcp(_));
-            (tcp(&settings.auth_listen) || tcp(&settings.relay_listen))
-                .then_some(crate::cli::TlsMode::VerifyFull)
-        }
-        Mode::Config | Mode::AuthQuery => Some(settings.server_tls_mode),
-    }
+    Ok(stopping.stop.outcome(lifecycle))
 }
 
 /// Everything PgBouncer reads, written in the order that keeps what it sees consistent:
@@ -291,7 +227,7 @@ fn write_pgbouncer_files(
     server_tls: crate::pgbouncer::render::ServerTls<'_>,
 ) -> Result<(), String> {
     use crate::pgbouncer::files::write_atomically;
-    use crate::pgbouncer::render::{self, DATABASES_INI, HBA, PGBOUNCER_INI, USERLIST};
+    use crate::pgbouncer::render::{self, DATABASES_INI, HBA, USERLIST};
     use secrecy::ExposeSecret;
     let write = |name: &str, text: &str| {
         write_atomically(dir, name, text.as_bytes()).map_err(|error| error.to_string())
@@ -300,7 +236,7 @@ fn write_pgbouncer_files(
     write(USERLIST, userlist.expose_secret())?;
     write(
         HBA,
-        &render::hba(settings.mode, &settings.databases, &settings.clients),
+        &render::hba(settings.mode.mode(), &settings.databases, &settings.clients),
     )?;
     write(
         PGBOUNCER_INI,
@@ -308,43 +244,6 @@ fn write_pgbouncer_files(
     )?;
     tracing::info!(dir = %dir.display(), databases = settings.databases.len(), "wrote PgBouncer's files");
     Ok(())
-}
-
-/// What differs between the modes once the daemon runs.
-enum Handler {
-    Config(ConfigMode),
-    AuthQuery(AuthQueryMode),
-}
-
-impl Handler {
-    fn ini_path(&self) -> std::path::PathBuf {
-        match self {
-            Handler::Config(mode) => mode.ini_path(),
-            Handler::AuthQuery(mode) => mode.ini_path(),
-        }
-    }
-
-    /// Hands new tokens to PgBouncer; true when PgBouncer must reload to see them.
-    async fn on_new_tokens(&mut self, source: &Arc<TokenSource>) -> bool {
-        match self {
-            Handler::Config(mode) => mode.on_new_tokens(source).await,
-            Handler::AuthQuery(mode) => mode.on_new_tokens(),
-        }
-    }
-
-    async fn refresh_now(&self, source: &Arc<TokenSource>) {
-        match self {
-            Handler::Config(mode) => mode.refresh_now(source).await,
-            Handler::AuthQuery(mode) => mode.refresh_now(source).await,
-        }
-    }
-
-    fn credentials_expiry(&self) -> Option<std::time::SystemTime> {
-        match self {
-            Handler::Config(mode) => mode.credentials_expiry(),
-            Handler::AuthQuery(mode) => mode.credentials_expiry(),
-        }
-    }
 }
 
 struct Stopping {
@@ -357,85 +256,5 @@ async fn exited(child: &mut Option<Supervised>) -> std::io::Result<std::process:
     match child {
         Some(child) => child.exited().await,
         None => std::future::pending().await,
-    }
-}
-
-/// What tells the daemon to stop or refresh: signals, installed once at start so that none is
-/// lost to the default action while the daemon is busy, and `POST /quitquitquit` when enabled.
-pub struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
-    quit: Option<Arc<Notify>>,
-}
-
-#[derive(Clone, Copy)]
-pub enum Stop {
-    Signal(i32),
-    Requested,
-}
-
-impl Stop {
-    fn outcome(self, args: &RunArgs) -> Outcome {
-        match self {
-            Stop::Signal(signal) => Outcome::Signalled {
-                signal,
-                exit_zero: args.exit_zero_on_sigterm && signal == libc::SIGTERM,
-            },
-            Stop::Requested => Outcome::Requested,
-        }
-    }
-}
-
-impl std::fmt::Display for Stop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Stop::Signal(libc::SIGTERM) => f.write_str("SIGTERM"),
-            Stop::Signal(libc::SIGINT) => f.write_str("SIGINT"),
-            Stop::Signal(signal) => write!(f, "signal {signal}"),
-            Stop::Requested => f.write_str("POST /quitquitquit"),
-        }
-    }
-}
-
-pub enum Received {
-    Stop(Stop),
-    Hangup,
-}
-
-impl Signals {
-    fn install(quit: Option<Arc<Notify>>) -> Self {
-        let install = |kind| signal(kind).expect("installing a signal handler");
-        Self {
-            terminate: install(SignalKind::terminate()),
-            interrupt: install(SignalKind::interrupt()),
-            hangup: install(SignalKind::hangup()),
-            quit,
-        }
-    }
-
-    async fn next(&mut self) -> Received {
-        let quit = self.quit.clone();
-        let quit = async move {
-            match quit {
-                Some(quit) => quit.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = self.terminate.recv() => Received::Stop(Stop::Signal(libc::SIGTERM)),
-            _ = self.interrupt.recv() => Received::Stop(Stop::Signal(libc::SIGINT)),
-            _ = self.hangup.recv() => Received::Hangup,
-            () = quit => Received::Stop(Stop::Requested),
-        }
-    }
-
-    /// The next stop signal; SIGHUP before start-up has nothing to refresh yet.
-    async fn next_stop(&mut self) -> Stop {
-        loop {
-            if let Received::Stop(stop) = self.next().await {
-                return stop;
-            }
-        }
     }
 }

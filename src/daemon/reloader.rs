@@ -6,7 +6,7 @@
 
 use super::state::DaemonState;
 use crate::backoff;
-use crate::cli::TlsMode;
+use crate::config::TlsMode;
 use crate::metrics::Metrics;
 use crate::pgbouncer::admin::{AdminConsole, version_warning};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! changes at each token refresh. Users who keep their own pgbouncer.ini `%include` the same
 //! `databases.ini`.
 
-use crate::cli::Mode;
+use crate::config::Mode;
 use crate::config::{AUTH_DATABASE_PREFIX, Client, Database, Settings};
 use crate::token::AuthToken;
 use secrecy::{ExposeSecret, SecretString};
@@ -75,7 +75,7 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>)
     if let Some(ca_file) = server_tls.ca_file {
         set("server_tls_ca_file", &ca_file.display().to_string());
     }
-    if settings.mode != Mode::Config {
+    if settings.mode.mode() != Mode::Config {
         set("auth_user", AUTH_USER);
         set("auth_query", AUTH_QUERY);
         // Here the daemon is on PgBouncer's login path. PgBouncer remembers a failed server
@@ -269,6 +269,7 @@ fn quote_userlist(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ModeSettings;
     use crate::token::TokenKey;
     use std::time::SystemTime;
 
@@ -288,12 +289,23 @@ mod tests {
     }
 
     fn settings(mode: Mode, pgbouncer_settings: &[(&str, &str)]) -> Settings {
+        let (auth_listen, relay_listen) = (
+            crate::config::LocalListen::Unix { port: 6433 },
+            crate::config::LocalListen::Unix { port: 6434 },
+        );
         Settings {
-            mode,
+            mode: match mode {
+                Mode::Config => ModeSettings::Config,
+                Mode::AuthQuery => ModeSettings::AuthQuery { auth_listen },
+                Mode::Passthrough => ModeSettings::Passthrough {
+                    auth_listen,
+                    relay_listen,
+                },
+            },
             pgbouncer_dir: "/run/aws-pgbouncer".into(),
             listen: "127.0.0.1:6432".parse().unwrap(),
             token_lifetime: std::time::Duration::from_secs(900),
-            server_tls_mode: crate::cli::TlsMode::VerifyFull,
+            server_tls_mode: crate::config::TlsMode::VerifyFull,
             server_ca_file: None,
             databases: vec![database("app", "app_user")],
             clients: Vec::new(),
@@ -301,8 +313,14 @@ mod tests {
                 .iter()
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect(),
-            auth_listen: crate::config::LocalListen::Unix { port: 6433 },
-            relay_listen: crate::config::LocalListen::Unix { port: 6434 },
+            lifecycle: crate::config::Lifecycle {
+                http_listen: "127.0.0.1:9090".into(),
+                supervise: None,
+                min_shutdown_delay: std::time::Duration::ZERO,
+                max_shutdown_delay: std::time::Duration::from_secs(30),
+                exit_zero_on_sigterm: false,
+                quitquitquit: false,
+            },
         }
     }
 

@@ -1,0 +1,302 @@
+//! Merging: flags win over their environment variables, which win over the config file, which
+//! wins over the defaults.
+
+use super::validate::{
+    check_ca_file, check_database_name, check_unique, check_user_name, database_options,
+    pgbouncer_settings,
+};
+use super::{
+    Client, ClientEntry, ConfigFile, DEFAULT_AUTH_LISTEN, DEFAULT_LISTEN, DEFAULT_PGBOUNCER_DIR,
+    DEFAULT_RELAY_LISTEN, DEFAULT_TOKEN_LIFETIME, Database, DatabaseEntry, Lifecycle, LocalListen,
+    Mode, ModeSettings, Settings, TlsMode,
+};
+use crate::cli::RunArgs;
+use crate::token::{TokenKey, resolve_region};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+impl Settings {
+    /// Merges and checks everything. Errors name the setting and what to do about it.
+    pub async fn resolve(args: &RunArgs) -> Result<Self, String> {
+        let file = match &args.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        // The flag's range is checked by clap; the file's here.
+        let token_lifetime = args
+            .token_lifetime
+            .or(file.token_lifetime)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        if !(1..=900).contains(&token_lifetime) {
+            return Err(format!(
+                "token lifetime {token_lifetime} s is out of range: RDS accepts 1 to 900 seconds"
+            ));
+        }
+        let listen_text = args
+            .listen
+            .clone()
+            .or(file.listen.clone())
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            format!("listen address {listen_text:?} is not ADDR:PORT, e.g. 127.0.0.1:6432")
+        })?;
+        let mode = resolve_mode(args, &file, listen.port())?;
+        let server_tls_mode = args
+            .server_tls_mode
+            .or(file.server_tls_mode)
+            .unwrap_or(TlsMode::VerifyFull);
+        let server_ca_file = args.server_ca_file.clone().or(file.server_ca_file.clone());
+        check_ca_file(server_tls_mode, server_ca_file.as_ref())?;
+
+        let default_region = args.region.clone().or(file.region.clone());
+        let mut entries = file.databases;
+        if let Some(entry) = database_from_flags(args)? {
+            entries.push(entry);
+        }
+        if entries.is_empty() {
+            return Err(
+                "no database configured: set --host (or RDS_HOST), --dbname (DB_NAME) \
+                        and --user (DB_USERNAME), or list [[databases]] in --config"
+                    .to_owned(),
+            );
+        }
+        let mut databases = Vec::with_capacity(entries.len());
+        for entry in entries {
+            databases.push(resolve_database(entry, mode.mode(), default_region.as_deref()).await?);
+        }
+        check_unique(databases.iter().map(|db| db.name.as_str()), "database name")?;
+
+        let clients = resolve_clients(file.clients, mode.mode(), &databases)?;
+        Ok(Self {
+            mode,
+            pgbouncer_dir: args
+                .pgbouncer_dir
+                .clone()
+                .or(file.pgbouncer_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PGBOUNCER_DIR)),
+            listen,
+            token_lifetime: Duration::from_secs(token_lifetime),
+            server_tls_mode,
+            server_ca_file,
+            databases,
+            clients,
+            pgbouncer_settings: pgbouncer_settings(file.pgbouncer)?,
+            lifecycle: lifecycle(args),
+        })
+    }
+}
+
+fn lifecycle(args: &RunArgs) -> Lifecycle {
+    Lifecycle {
+        http_listen: args.http_listen.clone(),
+        supervise: args.supervise.then(|| args.pgbouncer_bin.clone()),
+        min_shutdown_delay: Duration::from_secs(args.min_shutdown_delay),
+        max_shutdown_delay: Duration::from_secs(args.max_shutdown_delay),
+        exit_zero_on_sigterm: args.exit_zero_on_sigterm,
+        quitquitquit: args.quitquitquit,
+    }
+}
+
+/// The mode and the listen addresses of the local servers it runs.
+fn resolve_mode(
+    args: &RunArgs,
+    file: &ConfigFile,
+    pgbouncer_port: u16,
+) -> Result<ModeSettings, String> {
+    let auth_listen = || {
+        resolve_local_listen(
+            "auth listen",
+            args.auth_listen.as_deref().or(file.auth_listen.as_deref()),
+            DEFAULT_AUTH_LISTEN,
+            args.auth_listen_non_loopback,
+            pgbouncer_port,
+        )
+    };
+    let relay_listen = || {
+        resolve_local_listen(
+            "relay listen",
+            args.relay_listen
+                .as_deref()
+                .or(file.relay_listen.as_deref()),
+            DEFAULT_RELAY_LISTEN,
+            false,
+            pgbouncer_port,
+        )
+    };
+    Ok(match args.mode.or(file.mode).unwrap_or(Mode::Config) {
+        Mode::Config => ModeSettings::Config,
+        Mode::AuthQuery => ModeSettings::AuthQuery {
+            auth_listen: auth_listen()?,
+        },
+        Mode::Passthrough => ModeSettings::Passthrough {
+            auth_listen: auth_listen()?,
+            relay_listen: relay_listen()?,
+        },
+    })
+}
+
+/// `ADDR:PORT`, `unix` or `unix:PORT` (a socket in the PgBouncer directory; the port of the
+/// default address when none is given).
+fn resolve_local_listen(
+    what: &str,
+    given: Option<&str>,
+    default: &str,
+    non_loopback: bool,
+    pgbouncer_port: u16,
+) -> Result<LocalListen, String> {
+    let text = given.unwrap_or(default);
+    let default_port = default
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("defaults end in a port");
+    if let Some(rest) = text.strip_prefix("unix") {
+        let port = match rest.strip_prefix(':') {
+            Some(port) => port
+                .parse()
+                .map_err(|_| format!("{what} {text:?}: {port:?} is not a port"))?,
+            None if rest.is_empty() => default_port,
+            None => return Err(format!("{what} {text:?} is not unix or unix:PORT")),
+        };
+        if port == pgbouncer_port {
+            return Err(format!(
+                "{what} unix:{port} is PgBouncer's own socket in the directory (its listen \
+                 port); pick another port"
+            ));
+        }
+        return Ok(LocalListen::Unix { port });
+    }
+    let addr: SocketAddr = text.parse().map_err(|_| {
+        format!(
+            "{what} {text:?} is not ADDR:PORT (e.g. 127.0.0.1:{default_port}), unix or unix:PORT"
+        )
+    })?;
+    if !addr.ip().is_loopback() && !non_loopback {
+        return Err(format!(
+            "{what} {addr} is not a loopback address: it hands out database access; \
+             only the auth endpoint may leave loopback, with --auth-listen-non-loopback"
+        ));
+    }
+    Ok(LocalListen::Tcp(addr))
+}
+
+/// The single database of the old sidecar's shape, from flags, `AWS_PGBOUNCER_*` or the old
+/// sidecar's own variables (`RDS_HOST`, `DB_PORT`, `DB_NAME`, `DB_USERNAME`).
+fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> {
+    let legacy = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let Some(host) = args.host.clone().or_else(|| legacy("RDS_HOST")) else {
+        return Ok(None);
+    };
+    let port = match (args.port, legacy("DB_PORT")) {
+        (Some(port), _) => Some(port),
+        (None, Some(text)) => Some(
+            text.parse()
+                .map_err(|_| format!("DB_PORT {text:?} is not a port number"))?,
+        ),
+        (None, None) => None,
+    };
+    let dbname = args
+        .dbname
+        .clone()
+        .or_else(|| legacy("DB_NAME"))
+        .ok_or("--host is set but --dbname (DB_NAME) is not")?;
+    let user = args.user.clone().or_else(|| legacy("DB_USERNAME"));
+    if user.is_none() && args.allow_users.is_empty() {
+        return Err("--host is set but neither --user (DB_USERNAME) nor --allow-users is".into());
+    }
+    Ok(Some(DatabaseEntry {
+        name: None,
+        host,
+        port,
+        dbname,
+        user,
+        users: args.allow_users.clone(),
+        region: None,
+        options: Default::default(),
+    }))
+}
+
+async fn resolve_database(
+    entry: DatabaseEntry,
+    mode: Mode,
+    default_region: Option<&str>,
+) -> Result<Database, String> {
+    let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
+    check_database_name(&name)?;
+    if entry.host.is_empty() || entry.dbname.is_empty() {
+        return Err(format!(
+            "database {name}: host and dbname must not be empty"
+        ));
+    }
+    let allowed_users: Vec<String> = match mode {
+        Mode::Config => {
+            if !entry.users.is_empty() {
+                return Err(format!(
+                    "database {name}: users (an allow-list) is for auth-query and \
+                     passthrough modes; config mode forces one user"
+                ));
+            }
+            entry.user.into_iter().collect()
+        }
+        Mode::AuthQuery | Mode::Passthrough => entry.user.into_iter().chain(entry.users).collect(),
+    };
+    let Some(first_user) = allowed_users.first().cloned() else {
+        return Err(format!(
+            "database {name}: no IAM user (user, or users in auth-query mode)"
+        ));
+    };
+    for user in &allowed_users {
+        check_user_name(user)?;
+    }
+    let region = resolve_region(entry.region.as_deref().or(default_region), &entry.host)
+        .await
+        .map_err(|error| format!("database {name}: {error}"))?;
+    let options = database_options(&name, &entry.options)?;
+    Ok(Database {
+        name,
+        dbname: entry.dbname,
+        target: TokenKey {
+            host: entry.host,
+            port: entry.port.unwrap_or(5432),
+            user: first_user,
+            region,
+        },
+        allowed_users,
+        options,
+    })
+}
+
+/// Without `[[clients]]`, applications log in as the IAM user names, without a password, from
+/// loopback: what the old sidecar's users have configured today. In auth-query mode the users
+/// come from the endpoint, so only clients with passwords need listing.
+fn resolve_clients(
+    entries: Vec<ClientEntry>,
+    mode: Mode,
+    databases: &[Database],
+) -> Result<Vec<Client>, String> {
+    let clients: Vec<Client> = if entries.is_empty() && mode == Mode::Config {
+        let users: BTreeSet<&str> = databases.iter().map(|db| db.target.user.as_str()).collect();
+        users
+            .into_iter()
+            .map(|user| Client {
+                user: user.to_owned(),
+                password: None,
+            })
+            .collect()
+    } else {
+        entries
+            .into_iter()
+            .map(|entry| Client {
+                user: entry.user,
+                password: entry.password,
+            })
+            .collect()
+    };
+    for client in &clients {
+        check_user_name(&client.user)?;
+    }
+    check_unique(clients.iter().map(|c| c.user.as_str()), "client user")?;
+    Ok(clients)
+}

@@ -1,0 +1,128 @@
+//! Passthrough mode: PgBouncer's server connections go to the daemon's relay, which logs each
+//! in to RDS with a token minted for it; PgBouncer's auth_query gets the relay's secret from
+//! the endpoint. Nothing PgBouncer holds can go stale.
+
+use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, LocalAddress};
+use super::running_mode::Start;
+use crate::config::{LocalListen, Settings};
+use crate::endpoint::self_signed_tls;
+use crate::pgbouncer::files::load_or_create_secret;
+use crate::pgbouncer::render::{ServerRoute, ServerTls};
+use crate::relay::{RelayConfig, Upstream, upstream_tls};
+use crate::token::TokenSource;
+use secrecy::SecretString;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+const RELAY_SECRET_FILE: &str = "relay-secret";
+
+/// Where the two local servers of passthrough mode listen.
+pub struct PassthroughListen<'a> {
+    pub auth: &'a LocalListen,
+    pub relay: &'a LocalListen,
+}
+
+pub struct PassthroughMode {
+    endpoint: AuthEndpoint,
+}
+
+impl PassthroughMode {
+    /// Starts the relay and the endpoint and writes PgBouncer's files. The `stopped`
+    /// futures resolve when the relay and the endpoint must stop.
+    pub async fn start(
+        start: &Start<'_>,
+        listen: PassthroughListen<'_>,
+        stopped: [impl Future<Output = ()> + Send + 'static; 2],
+    ) -> Result<Self, String> {
+        let Start {
+            settings,
+            dir,
+            source,
+            metrics,
+            ..
+        } = *start;
+        let [relay_stopped, endpoint_stopped] = stopped;
+        // A CA of the daemon's own: every server connection of PgBouncer's goes to the
+        // daemon, and on TCP PgBouncer verifies (verify-full) that it is the daemon.
+        let (own_tls, own_ca) = self_signed_tls(dir)?;
+        let (endpoint_limits, relay_limits) = crate::fd_limit::fitted_limits(true);
+        let secret =
+            load_or_create_secret(dir, RELAY_SECRET_FILE).map_err(|error| error.to_string())?;
+        let relay = LocalAddress::of(listen.relay, dir);
+        let config = RelayConfig {
+            server_tls: Some(own_tls.clone()),
+            limits: relay_limits,
+            metrics: Some(metrics.clone()),
+            ..relay_config(settings, secret.clone())?
+        };
+        let listener = relay.bind("relay").await?;
+        tokio::spawn(crate::relay::serve(
+            listener,
+            Arc::new(config),
+            source.clone(),
+            relay_stopped,
+        ));
+        tracing::info!(listen = ?relay.listen, "relay listening");
+
+        let plan = EndpointPlan {
+            listen: listen.auth,
+            tls: Some(own_tls),
+            answer: Answer::RelaySecret(secret),
+            limits: endpoint_limits,
+        };
+        let endpoint = AuthEndpoint::start(start, plan, endpoint_stopped).await?;
+        // PgBouncer talks only to the daemon, on loopback or a unix socket (where it never
+        // starts TLS); the relay does the TLS towards RDS.
+        endpoint.write_pgbouncer_files(
+            start,
+            ServerRoute::Relay {
+                host: &relay.host,
+                port: relay.port,
+            },
+            ServerTls {
+                mode: "verify-full",
+                ca_file: Some(&own_ca),
+            },
+        )?;
+        Ok(Self { endpoint })
+    }
+
+    /// Mints every allowed user's token afresh (SIGHUP).
+    pub async fn refresh_now(&self, source: &Arc<TokenSource>) {
+        self.endpoint.refresh_now(source).await;
+    }
+
+    pub fn credentials_expiry(&self) -> Option<SystemTime> {
+        self.endpoint.credentials_expiry()
+    }
+}
+
+/// The relay: one target per database entry, keyed by its name.
+fn relay_config(settings: &Settings, secret: SecretString) -> Result<RelayConfig, String> {
+    let ca_file = settings.server_ca_file.as_deref().ok_or(
+        "passthrough mode verifies RDS itself and needs --server-ca-file (the RDS CA bundle)",
+    )?;
+    let targets = settings
+        .databases
+        .iter()
+        .map(|db| {
+            let upstream = Upstream {
+                host: db.target.host.clone(),
+                port: db.target.port,
+                region: db.target.region.clone(),
+                database: db.dbname.clone(),
+                users: db.allowed_users.clone(),
+            };
+            (db.name.clone(), upstream)
+        })
+        .collect();
+    Ok(RelayConfig {
+        secret,
+        peer_uid: None,
+        upstream_tls: upstream_tls(ca_file)?,
+        server_tls: None,
+        targets,
+        limits: Default::default(),
+        metrics: None,
+    })
+}
