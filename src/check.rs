@@ -1,5 +1,5 @@
-//! `aws-pgbouncer check`: logs in to every configured database once, as PgBouncer would,
-//! and says in plain words what is wrong when that fails.
+//! `aws-pgbouncer check`: logs in to every configured database once as each of its users, as
+//! PgBouncer would, and says in plain words what is wrong when that fails.
 //!
 //! A failed IAM login reaches PgBouncer's log as one opaque line, long after the deployment
 //! that caused it. This command takes the same settings as `run` and goes the same way
@@ -29,43 +29,47 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The whole check of one database: credentials, login and query.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Prints one line per database; `Err` (the caller exits non-zero) when any check failed or
-/// the settings are unusable.
+/// Prints one line per login: every allowed user of every database (in config mode, its one
+/// forced user). `Err` (the caller exits non-zero) when any login failed or the settings are
+/// unusable.
 pub async fn run(settings: &Settings) -> Result<(), String> {
     let tls = tls_connector(settings.server_tls_mode, settings.server_ca_file.as_deref())?;
     let mut credentials = HashMap::new();
-    let mut failed = 0;
+    let mut failed = Vec::new();
+    let mut logins = 0;
     for database in &settings.databases {
-        let target = &database.target;
-        let outcome = tokio::time::timeout(
-            CHECK_TIMEOUT,
-            check_login(database, target, settings, &tls, &mut credentials),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "gave up after {} s without an answer",
-                CHECK_TIMEOUT.as_secs()
-            ))
-        });
-        match outcome {
-            Ok(timing) => println!(
-                "OK    {} ({target}): logged in in {:.1} ms, SELECT 1 took {:.1} ms",
-                database.name,
-                timing.login.as_secs_f64() * 1000.0,
-                timing.query.as_secs_f64() * 1000.0
-            ),
-            Err(diagnosis) => {
-                failed += 1;
-                println!("FAIL  {} ({target}): {diagnosis}", database.name);
+        for target in database.allowed_keys() {
+            logins += 1;
+            let outcome = tokio::time::timeout(
+                CHECK_TIMEOUT,
+                check_login(database, &target, settings, &tls, &mut credentials),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "gave up after {} s without an answer",
+                    CHECK_TIMEOUT.as_secs()
+                ))
+            });
+            match outcome {
+                Ok(timing) => println!(
+                    "OK    {} ({target}): logged in in {:.1} ms, SELECT 1 took {:.1} ms",
+                    database.name,
+                    timing.login.as_secs_f64() * 1000.0,
+                    timing.query.as_secs_f64() * 1000.0
+                ),
+                Err(diagnosis) => {
+                    println!("FAIL  {} ({target}): {diagnosis}", database.name);
+                    failed.push(format!("{} as {}", database.name, target.user));
+                }
             }
         }
     }
-    match failed {
+    match failed.len() {
         0 => Ok(()),
-        _ => Err(format!(
-            "{failed} of {} databases failed the check",
-            settings.databases.len()
+        count => Err(format!(
+            "{count} of {logins} logins failed the check: {}",
+            failed.join(", ")
         )),
     }
 }

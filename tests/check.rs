@@ -33,7 +33,8 @@ impl Run {
             assert!(line.contains(word), "want {word:?} in: {line}");
         }
         assert!(
-            self.stderr.contains("1 of 1 databases failed the check"),
+            self.stderr
+                .contains("1 of 1 logins failed the check: appdb as "),
             "{}",
             self.stderr
         );
@@ -98,6 +99,15 @@ fn flags(port: u16, user: &str, region: &str, ca: &Path) -> Vec<String> {
     ]
     .map(str::to_owned)
     .to_vec()
+}
+
+/// The flags for database `appdb` at the stand-in in auth-query mode, allowing `users`.
+fn allow_list_flags(port: u16, users: &str, ca: &Path) -> Vec<String> {
+    let mut flags = flags(port, "unused", REGION, ca);
+    let user = flags.iter().position(|flag| flag == "--user").unwrap();
+    flags.drain(user..user + 2);
+    flags.extend(["--mode", "auth-query", "--allow-users", users].map(str::to_owned));
+    flags
 }
 
 fn as_strs(flags: &[String]) -> Vec<&str> {
@@ -203,6 +213,63 @@ fn explains_each_failure() {
     .assert_failed_with(&[&format!(
         "network: connection to {STANDIN_HOST}:{closed} refused"
     )]);
+}
+
+/// Every allowed user is a login of its own: one that is not an IAM user, or does not exist,
+/// fails the check even when the first user of the list logs in.
+#[test]
+fn logs_in_as_every_allowed_user_and_names_each_that_fails() {
+    let standin = Standin::start();
+    let creds = standin.static_creds();
+    let ca = standin.ca_path();
+    let flags = allow_list_flags(standin.port(), "app_user,password_user,nobody", &ca);
+    let run = check(Some(&creds), &as_strs(&flags));
+    assert_eq!(
+        run.output.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let line_for = |user: &str| {
+        let prefix = format!("appdb ({user}@{STANDIN_HOST}:");
+        run.stdout
+            .lines()
+            .find(|line| line[6..].starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no line for {user}:\n{}", run.stdout))
+            .to_owned()
+    };
+    assert!(line_for("app_user").starts_with("OK    "), "{}", run.stdout);
+    assert!(
+        line_for("password_user").starts_with("FAIL  "),
+        "{}",
+        run.stdout
+    );
+    assert!(line_for("nobody").starts_with("FAIL  "), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("2 of 3 logins failed the check: appdb as password_user, appdb as nobody"),
+        "{}",
+        run.stderr
+    );
+
+    let flags = allow_list_flags(standin.port(), "app_user,second_user", &ca);
+    let run = check(Some(&creds), &as_strs(&flags));
+    assert!(
+        run.output.status.success(),
+        "stdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(
+        run.stdout
+            .lines()
+            .filter(|line| line.starts_with("OK    appdb ("))
+            .count(),
+        2,
+        "{}",
+        run.stdout
+    );
 }
 
 /// A credential source that answers with an error is explained in one line of causes, not

@@ -240,7 +240,16 @@ async fn resolve_database(
             }
             entry.user.into_iter().collect()
         }
-        Mode::AuthQuery | Mode::Passthrough => entry.user.into_iter().chain(entry.users).collect(),
+        Mode::AuthQuery | Mode::Passthrough => {
+            let mut users: Vec<String> = Vec::new();
+            // `--user` may repeat a name of `--allow-users`; one login each is enough.
+            for user in entry.user.into_iter().chain(entry.users) {
+                if !users.contains(&user) {
+                    users.push(user);
+                }
+            }
+            users
+        }
     };
     let Some(first_user) = allowed_users.first().cloned() else {
         return Err(format!(
