@@ -148,6 +148,20 @@ fn verify_full_needs_a_ca_file() {
     assert_refused(&output, 1, "needs --server-ca-file");
 }
 
+/// The relay verifies RDS itself whatever --server-tls-mode says, so passthrough mode needs
+/// the RDS CA bundle: refused with the settings, before the directory is made.
+#[test]
+fn passthrough_needs_a_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("mode = \"passthrough\"\n{ONE_DATABASE}");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(
+        &output,
+        1,
+        "passthrough mode verifies RDS itself and needs --server-ca-file",
+    );
+}
+
 #[test]
 fn an_unwritable_directory_is_refused_before_anything_is_minted() {
     let dir = tempfile::tempdir().unwrap();

@@ -51,12 +51,17 @@ pub enum ModeSettings {
         /// Where the endpoint PgBouncer runs its auth_query against listens.
         auth_listen: LocalListen,
     },
-    Passthrough {
-        /// Where the endpoint PgBouncer runs its auth_query against listens.
-        auth_listen: LocalListen,
-        /// Where the relay PgBouncer's server connections go through listens.
-        relay_listen: LocalListen,
-    },
+    Passthrough(PassthroughSettings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassthroughSettings {
+    /// Where the endpoint PgBouncer runs its auth_query against listens.
+    pub auth_listen: LocalListen,
+    /// Where the relay PgBouncer's server connections go through listens.
+    pub relay_listen: LocalListen,
+    /// The RDS CA bundle: the relay logs in to RDS itself, always with verify-full.
+    pub rds_ca_file: PathBuf,
 }
 
 impl ModeSettings {
@@ -64,7 +69,7 @@ impl ModeSettings {
         match self {
             ModeSettings::Config => Mode::Config,
             ModeSettings::AuthQuery { .. } => Mode::AuthQuery,
-            ModeSettings::Passthrough { .. } => Mode::Passthrough,
+            ModeSettings::Passthrough(_) => Mode::Passthrough,
         }
     }
 }

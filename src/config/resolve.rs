@@ -8,7 +8,7 @@ use super::validate::{
 use super::{
     Client, ClientEntry, ConfigFile, DEFAULT_AUTH_LISTEN, DEFAULT_LISTEN, DEFAULT_PGBOUNCER_DIR,
     DEFAULT_RELAY_LISTEN, DEFAULT_TOKEN_LIFETIME, Database, DatabaseEntry, Lifecycle, LocalListen,
-    Mode, ModeSettings, Settings, TlsMode,
+    Mode, ModeSettings, PassthroughSettings, Settings, TlsMode,
 };
 use crate::cli::RunArgs;
 use crate::token::{TokenKey, resolve_region};
@@ -42,13 +42,13 @@ impl Settings {
         let listen: SocketAddr = listen_text.parse().map_err(|_| {
             format!("listen address {listen_text:?} is not ADDR:PORT, e.g. 127.0.0.1:6432")
         })?;
-        let mode = resolve_mode(args, &file, listen.port())?;
         let server_tls_mode = args
             .server_tls_mode
             .or(file.server_tls_mode)
             .unwrap_or(TlsMode::VerifyFull);
         let server_ca_file = args.server_ca_file.clone().or(file.server_ca_file.clone());
         check_ca_file(server_tls_mode, server_ca_file.as_ref())?;
+        let mode = resolve_mode(args, &file, listen.port(), server_ca_file.as_ref())?;
 
         let default_region = args.region.clone().or(file.region.clone());
         let mut entries = file.databases;
@@ -99,11 +99,13 @@ fn lifecycle(args: &RunArgs) -> Lifecycle {
     }
 }
 
-/// The mode and the listen addresses of the local servers it runs.
+/// The mode and what it needs: the listen addresses of the local servers it runs, and in
+/// passthrough mode the CA bundle the relay verifies RDS with.
 fn resolve_mode(
     args: &RunArgs,
     file: &ConfigFile,
     pgbouncer_port: u16,
+    server_ca_file: Option<&PathBuf>,
 ) -> Result<ModeSettings, String> {
     let auth_listen = || {
         resolve_local_listen(
@@ -130,10 +132,14 @@ fn resolve_mode(
         Mode::AuthQuery => ModeSettings::AuthQuery {
             auth_listen: auth_listen()?,
         },
-        Mode::Passthrough => ModeSettings::Passthrough {
+        Mode::Passthrough => ModeSettings::Passthrough(PassthroughSettings {
             auth_listen: auth_listen()?,
             relay_listen: relay_listen()?,
-        },
+            rds_ca_file: server_ca_file.cloned().ok_or(
+                "passthrough mode verifies RDS itself and needs --server-ca-file \
+                 (the RDS CA bundle)",
+            )?,
+        }),
     })
 }
 

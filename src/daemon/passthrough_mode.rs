@@ -4,23 +4,18 @@
 
 use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, LocalAddress};
 use super::running_mode::Start;
-use crate::config::{LocalListen, Settings};
+use crate::config::{PassthroughSettings, Settings};
 use crate::endpoint::self_signed_tls;
 use crate::pgbouncer::files::load_or_create_secret;
 use crate::pgbouncer::render::{ServerRoute, ServerTls};
 use crate::relay::{RelayConfig, Upstream, upstream_tls};
 use crate::token::TokenSource;
 use secrecy::SecretString;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 const RELAY_SECRET_FILE: &str = "relay-secret";
-
-/// Where the two local servers of passthrough mode listen.
-pub struct PassthroughListen<'a> {
-    pub auth: &'a LocalListen,
-    pub relay: &'a LocalListen,
-}
 
 pub struct PassthroughMode {
     endpoint: AuthEndpoint,
@@ -31,7 +26,7 @@ impl PassthroughMode {
     /// futures resolve when the relay and the endpoint must stop.
     pub async fn start(
         start: &Start<'_>,
-        listen: PassthroughListen<'_>,
+        passthrough: &PassthroughSettings,
         stopped: [impl Future<Output = ()> + Send + 'static; 2],
     ) -> Result<Self, String> {
         let Start {
@@ -48,12 +43,12 @@ impl PassthroughMode {
         let (endpoint_limits, relay_limits) = crate::fd_limit::fitted_limits(true);
         let secret =
             load_or_create_secret(dir, RELAY_SECRET_FILE).map_err(|error| error.to_string())?;
-        let relay = LocalAddress::of(listen.relay, dir);
+        let relay = LocalAddress::of(&passthrough.relay_listen, dir);
         let config = RelayConfig {
             server_tls: Some(own_tls.clone()),
             limits: relay_limits,
             metrics: Some(metrics.clone()),
-            ..relay_config(settings, secret.clone())?
+            ..relay_config(settings, &passthrough.rds_ca_file, secret.clone())?
         };
         let listener = relay.bind("relay").await?;
         tokio::spawn(crate::relay::serve(
@@ -65,7 +60,7 @@ impl PassthroughMode {
         tracing::info!(listen = ?relay.listen, "relay listening");
 
         let plan = EndpointPlan {
-            listen: listen.auth,
+            listen: &passthrough.auth_listen,
             tls: Some(own_tls),
             answer: Answer::RelaySecret(secret),
             limits: endpoint_limits,
@@ -98,10 +93,11 @@ impl PassthroughMode {
 }
 
 /// The relay: one target per database entry, keyed by its name.
-fn relay_config(settings: &Settings, secret: SecretString) -> Result<RelayConfig, String> {
-    let ca_file = settings.server_ca_file.as_deref().ok_or(
-        "passthrough mode verifies RDS itself and needs --server-ca-file (the RDS CA bundle)",
-    )?;
+fn relay_config(
+    settings: &Settings,
+    rds_ca_file: &Path,
+    secret: SecretString,
+) -> Result<RelayConfig, String> {
     let targets = settings
         .databases
         .iter()
@@ -119,7 +115,7 @@ fn relay_config(settings: &Settings, secret: SecretString) -> Result<RelayConfig
     Ok(RelayConfig {
         secret,
         peer_uid: None,
-        upstream_tls: upstream_tls(ca_file)?,
+        upstream_tls: upstream_tls(rds_ca_file)?,
         server_tls: None,
         targets,
         limits: Default::default(),

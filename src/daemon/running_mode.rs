@@ -4,7 +4,7 @@
 use super::auth_endpoint::is_tcp;
 use super::auth_query_mode::AuthQueryMode;
 use super::config_mode::ConfigMode;
-use super::passthrough_mode::{PassthroughListen, PassthroughMode};
+use super::passthrough_mode::PassthroughMode;
 use crate::config::{ModeSettings, Settings, TlsMode};
 use crate::metrics::Metrics;
 use crate::token::{Presenter, TokenSource};
@@ -41,16 +41,9 @@ impl RunningMode {
             ModeSettings::AuthQuery { auth_listen } => {
                 Self::AuthQuery(AuthQueryMode::start(start, auth_listen, stopped()).await?)
             }
-            ModeSettings::Passthrough {
-                auth_listen,
-                relay_listen,
-            } => {
-                let listen = PassthroughListen {
-                    auth: auth_listen,
-                    relay: relay_listen,
-                };
+            ModeSettings::Passthrough(passthrough) => {
                 let stopped = [stopped(), stopped()];
-                Self::Passthrough(PassthroughMode::start(start, listen, stopped).await?)
+                Self::Passthrough(PassthroughMode::start(start, passthrough, stopped).await?)
             }
         })
     }
@@ -88,7 +81,7 @@ impl RunningMode {
 pub(super) fn presenter(mode: &ModeSettings) -> Presenter {
     match mode {
         ModeSettings::Config | ModeSettings::AuthQuery { .. } => Presenter::PgBouncer,
-        ModeSettings::Passthrough { .. } => Presenter::Relay,
+        ModeSettings::Passthrough(_) => Presenter::Relay,
     }
 }
 
@@ -97,10 +90,9 @@ pub(super) fn presenter(mode: &ModeSettings) -> Presenter {
 /// PgBouncer never starts TLS, so nothing is to be checked).
 pub(super) fn expected_server_tls(settings: &Settings) -> Option<TlsMode> {
     match &settings.mode {
-        ModeSettings::Passthrough {
-            auth_listen,
-            relay_listen,
-        } => (is_tcp(auth_listen) || is_tcp(relay_listen)).then_some(TlsMode::VerifyFull),
+        ModeSettings::Passthrough(passthrough) => (is_tcp(&passthrough.auth_listen)
+            || is_tcp(&passthrough.relay_listen))
+        .then_some(TlsMode::VerifyFull),
         ModeSettings::Config | ModeSettings::AuthQuery { .. } => Some(settings.server_tls_mode),
     }
 }

@@ -297,10 +297,13 @@ mod tests {
             mode: match mode {
                 Mode::Config => ModeSettings::Config,
                 Mode::AuthQuery => ModeSettings::AuthQuery { auth_listen },
-                Mode::Passthrough => ModeSettings::Passthrough {
-                    auth_listen,
-                    relay_listen,
-                },
+                Mode::Passthrough => {
+                    ModeSettings::Passthrough(crate::config::PassthroughSettings {
+                        auth_listen,
+                        relay_listen,
+                        rds_ca_file: "/etc/rds-ca.pem".into(),
+                    })
+                }
             },
             pgbouncer_dir: "/run/aws-pgbouncer".into(),
             listen: "127.0.0.1:6432".parse().unwrap(),
