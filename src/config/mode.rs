@@ -13,6 +13,17 @@ pub enum Mode {
     Passthrough,
 }
 
+impl Mode {
+    /// True when PgBouncer learns users and passwords from the daemon's auth endpoint
+    /// (`auth_user`, `auth_query`) rather than from the files the daemon writes.
+    pub fn uses_auth_query(self) -> bool {
+        match self {
+            Mode::Config => false,
+            Mode::AuthQuery | Mode::Passthrough => true,
+        }
+    }
+}
+
 /// PgBouncer's `server_tls_sslmode` values, weakest first (the order compares them).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Deserialize,

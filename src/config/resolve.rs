@@ -291,7 +291,7 @@ fn resolve_clients(
     mode: Mode,
     databases: &[Database],
 ) -> Result<Vec<Client>, String> {
-    let clients: Vec<Client> = if entries.is_empty() && mode == Mode::Config {
+    let clients: Vec<Client> = if entries.is_empty() && !mode.uses_auth_query() {
         let users: BTreeSet<&str> = databases.iter().map(|db| db.target.user.as_str()).collect();
         users
             .into_iter()

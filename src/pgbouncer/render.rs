@@ -75,7 +75,7 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>)
     if let Some(ca_file) = server_tls.ca_file {
         set("server_tls_ca_file", &ca_file.display().to_string());
     }
-    if settings.mode.mode() != Mode::Config {
+    if settings.mode.mode().uses_auth_query() {
         set("auth_user", AUTH_USER);
         set("auth_query", AUTH_QUERY);
         // Here the daemon is on PgBouncer's login path. PgBouncer remembers a failed server
@@ -238,7 +238,7 @@ pub fn hba(mode: Mode, databases: &[Database], clients: &[Client]) -> String {
             None => allow(&names, &client.user, "trust", false),
         }
     }
-    if mode != Mode::Config {
+    if mode.uses_auth_query() {
         let _ = writeln!(rules, "local {names} all trust");
         let _ = writeln!(rules, "host {names} all 127.0.0.1/32 trust");
         let _ = writeln!(rules, "host {names} all ::1/128 trust");
