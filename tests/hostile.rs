@@ -15,8 +15,11 @@ use support::{Standin, free_port, test_dir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 
 const STORM: Duration = Duration::from_secs(20);
+const WRONG_PASSWORD_REFUSAL: &str =
+    "password authentication failed for user \"aws_pgbouncer_auth\"";
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -146,9 +149,14 @@ users = ["app_user", "reporter"]
             }
         });
     }
-    // Wrong passwords in a loop.
+    // Wrong passwords in a loop: each must be refused as a wrong password (28P01), or, since
+    // the floods fill the endpoint, closed before login to make room (the documented
+    // eviction of the oldest session that has not logged in). Nothing else.
+    let unexpected = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let evicted = Arc::new(AtomicUsize::new(0));
     {
         let (stop, refused) = (stop.clone(), refused_passwords.clone());
+        let (unexpected, evicted) = (unexpected.clone(), evicted.clone());
         attackers.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let attempt = tokio_postgres::Config::new()
@@ -160,8 +168,21 @@ users = ["app_user", "reporter"]
                     .connect_timeout(Duration::from_secs(5))
                     .connect(NoTls)
                     .await;
-                if attempt.is_err() {
-                    refused.fetch_add(1, Ordering::Relaxed);
+                let outcome = attempt.err().map(|error| match error.as_db_error() {
+                    Some(db) => (Some(db.code().clone()), db.message().to_owned()),
+                    None => (None, error.to_string()),
+                });
+                match outcome {
+                    Some((Some(code), message))
+                        if code == SqlState::INVALID_PASSWORD
+                            && message == WRONG_PASSWORD_REFUSAL =>
+                    {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some((None, message)) if message == "connection closed" => {
+                        evicted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => unexpected.lock().unwrap().push(format!("{other:?}")),
                 }
             }
         });
@@ -175,6 +196,11 @@ users = ["app_user", "reporter"]
 
     tally.assert_no_failures(&daemon.log());
     assert!(tally.ok() >= 50, "only {} logins", tally.ok());
+    let unexpected = unexpected.lock().unwrap().clone();
+    assert!(
+        unexpected.is_empty(),
+        "wrong passwords not refused as such: {unexpected:#?}"
+    );
     assert!(refused_passwords.load(Ordering::Relaxed) >= 10);
     assert_eq!(
         unclosed.load(Ordering::Relaxed),
@@ -188,8 +214,9 @@ users = ["app_user", "reporter"]
     let ended = daemon.count_in_log("session ended");
     eprintln!(
         "hostile: daemon RSS {rss_before} KiB before, {rss_during} KiB during the storm; {} \
-         refused passwords, {ended} \"session ended\" log lines",
-        refused_passwords.load(Ordering::Relaxed)
+         refused passwords, {} evicted before login, {ended} \"session ended\" log lines",
+        refused_passwords.load(Ordering::Relaxed),
+        evicted.load(Ordering::Relaxed)
     );
     // One line per 10 s and a summary, not one per refused session.
     assert!(ended <= 8, "{ended} \"session ended\" lines");
