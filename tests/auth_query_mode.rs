@@ -81,12 +81,24 @@ async fn dynamic_users_through_a_unix_socket_endpoint() {
     };
     assert!(value("aws_pgbouncer_auth_query_requests_total{result=\"token\"}") >= 2.0);
     assert!(value("aws_pgbouncer_auth_query_requests_total{result=\"unknown_user\"}") >= 1.0);
-    let connections = value("aws_pgbouncer_endpoint_connections ")
-        + value("aws_pgbouncer_endpoint_connections_total{outcome=\"completed\"}");
-    assert!(connections >= 1.0);
+
+    // PgBouncer's auth_query went over the unix socket: its auth entry names the directory.
+    let socket_dir = daemon.pgbouncer_dir.to_str().unwrap().to_owned();
+    let databases = std::fs::read_to_string(daemon.pgbouncer_dir.join("databases.ini")).unwrap();
+    assert!(
+        databases.contains(&format!("host={socket_dir} port={auth_port}"))
+            || databases.contains(&format!("host='{socket_dir}' port={auth_port}")),
+        "{databases}"
+    );
+    let outcome = |name: &str| {
+        value(&format!(
+            "aws_pgbouncer_endpoint_connections_total{{outcome=\"{name}\"}}"
+        ))
+    };
+    let counted = || outcome("completed") + outcome("refused") + outcome("failed");
+    let counted_before = counted();
 
     // The endpoint itself admits PgBouncer's auth user only, with its password.
-    let socket_dir = daemon.pgbouncer_dir.to_str().unwrap().to_owned();
     let auth_secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("auth-secret")).unwrap();
     let endpoint_login = |user: &str, password: Option<&str>| {
         let mut config = tokio_postgres::Config::new();
@@ -123,6 +135,14 @@ async fn dynamic_users_through_a_unix_socket_endpoint() {
             "{user}: {error}"
         );
     }
+    // Each of those four connections shows in the metrics, once. (Today the endpoint counts
+    // a refused login as "completed": the outcome cannot tell them apart yet.)
+    assert!(
+        support::wait_until(Duration::from_secs(5), || counted() >= counted_before + 4.0),
+        "endpoint connections counted: {counted_before} -> {}",
+        counted()
+    );
+    assert_eq!(counted(), counted_before + 4.0);
 }
 
 /// The hard part: a client that logged in once and stays connected for more than three token
@@ -145,35 +165,44 @@ async fn a_long_lived_client_outlives_its_login_token() {
 
     let client = connect(listen_port, "app_user", "appdb").await.unwrap();
     let started = Instant::now();
+    let lifetime = Duration::from_secs(20);
+    // How many server logins the stand-in had judged when the client's login token expired.
+    let mut judged_at_expiry = None;
     let mut queries = 0;
-    let mut failures = Vec::new();
     let mut kills = 0;
-    while started.elapsed() < Duration::from_secs(68) {
+    // Until the session has lasted more than three token lifetimes and PgBouncer had to log
+    // in again at least ten times: conditions, not a count of rounds that depends on speed.
+    // Every kill is followed by a query, which needs a new server login.
+    loop {
         match current_user(&client).await {
             Ok(user) if user == "app_user" => queries += 1,
-            outcome => failures.push(format!("{:?}: {outcome:?}", started.elapsed())),
+            outcome => panic!("{:?}: {outcome:?}\n{}", started.elapsed(), daemon.log()),
+        }
+        if started.elapsed() >= 3 * lifetime + Duration::from_secs(8) && kills >= 10 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "only {kills} kills in 180 s"
+        );
+        if judged_at_expiry.is_none() && started.elapsed() > lifetime {
+            judged_at_expiry = Some(standin.verifier_log().len());
         }
         // The server connection is idle between transactions: kill it.
         kills += kill_idle_backends(&standin, "app_user");
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    assert!(
-        failures.is_empty(),
-        "failures: {failures:#?}\n{}",
-        daemon.log()
-    );
-    assert!(
-        queries >= 20 && kills >= 10,
-        "{queries} queries, {kills} kills"
-    );
     let logins: Vec<_> = standin
         .verifier_log()
         .into_iter()
+        .skip(judged_at_expiry.expect("the session outlived a token lifetime"))
         .filter(|entry| entry["user"] == "app_user")
         .collect();
+    // After the login token's expiry PgBouncer logged in again and again, each time with a
+    // token that the stand-in accepted.
     assert!(
-        logins.len() >= 10 && logins.iter().all(|entry| entry["accepted"] == true),
-        "{logins:#?}"
+        logins.len() >= 5 && logins.iter().all(|entry| entry["accepted"] == true),
+        "{queries} queries, {kills} kills; logins after the login token expired: {logins:#?}"
     );
     assert!(daemon.is_running());
 }
