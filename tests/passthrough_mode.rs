@@ -133,8 +133,10 @@ async fn a_cancelled_query_is_cancelled_on_the_server() {
             started.elapsed(),
         )
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(standin.backend_count("app_user") >= 1);
+    assert!(
+        standin.wait_for_active_query("app_user", "SELECT pg_sleep(30)", Duration::from_secs(10)),
+        "the query never ran on the stand-in"
+    );
     cancel
         .cancel_query(tokio_postgres::NoTls)
         .await
@@ -171,7 +173,8 @@ async fn users_off_the_allow_list_are_refused() {
 
 /// A long session token (role chaining, a large session policy, many session tags) makes
 /// tokens longer than PgBouncer's 2047-byte password limit. Config and auth-query modes must
-/// refuse them; the relay hands tokens to RDS itself, so passthrough mode serves those users.
+/// refuse them (and say so); the relay hands tokens to RDS itself, so passthrough mode serves
+/// those users.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_over_pgbouncers_limit_log_in_through_the_relay_and_nowhere_else() {
     let standin = Standin::start();
@@ -208,6 +211,19 @@ async fn tokens_over_pgbouncers_limit_log_in_through_the_relay_and_nowhere_else(
         "the token was {length} bytes"
     );
 
+    // Auth-query mode with the same credentials: the endpoint has no token to hand
+    // PgBouncer, the daemon never gets ready, and the log says why and where to go.
+    let work = test_dir("auth-query-long-token");
+    let mut auth_query = Daemon::spawn_supervised_with(
+        work.path(),
+        &standin,
+        &creds,
+        free_port(),
+        &SETTINGS.replace(r#"mode = "passthrough""#, r#"mode = "auth-query""#),
+    );
+    refuses_over_the_limit(&mut auth_query);
+    drop(auth_query);
+
     // Config mode with the same credentials: no token for PgBouncer, and a log line that
     // says why and where to go.
     let work = test_dir("config-long-token");
@@ -220,18 +236,33 @@ async fn tokens_over_pgbouncers_limit_log_in_through_the_relay_and_nowhere_else(
             .chain(["--supervise"])
             .collect::<Vec<_>>(),
     );
-    config_mode.wait_for_log(
+    refuses_over_the_limit(&mut config_mode);
+    let presented = standin
+        .verifier_log()
+        .iter()
+        .filter(|entry| entry["akid"] == creds.akid.as_str())
+        .count();
+    assert_eq!(
+        presented, 1,
+        "only the relay's login may reach the stand-in"
+    );
+}
+
+/// A daemon that must give PgBouncer a token over its limit: it says so, points to
+/// passthrough mode, leaks no part of the credentials and does not get ready.
+fn refuses_over_the_limit(daemon: &mut Daemon) {
+    daemon.wait_for_log(
         "over PgBouncer's 2047-byte password limit",
         Duration::from_secs(20),
     );
-    let log = config_mode.log();
+    let log = daemon.log();
     assert!(log.contains("passthrough mode"), "{log}");
     assert!(
         !log.contains("LLLLLLLL") && !log.contains("long-session-secret"),
         "{log}"
     );
     assert_ne!(
-        config_mode.http_get("/readyz").map(|(status, _)| status),
+        daemon.http_get("/readyz").map(|(status, _)| status),
         Some(200)
     );
 }

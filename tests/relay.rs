@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::client::kill_idle_backends;
 use support::{PgBouncer, Standin, free_port, psql, test_dir, wait_until, write_file};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -188,10 +189,8 @@ async fn through_pgbouncer(port: u16, user: &str) -> Client {
     client
 }
 
-/// The timer kind (`tr` in /proc/net/tcp) of each of this process's established TCP
-/// connections to `port`, i.e. the relay's upstream connections. 2 means keepalive: an idle
-/// connection has that timer armed only when SO_KEEPALIVE is on.
-fn timers_of_connections_to(port: u16) -> Vec<String> {
+/// This process's established TCP connections: (local port, remote port, timer kind).
+fn our_connections() -> Vec<(u16, u16, String)> {
     let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
@@ -200,21 +199,39 @@ fn timers_of_connections_to(port: u16) -> Vec<String> {
             Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
         })
         .collect();
-    let mut timers = Vec::new();
+    let port =
+        |address: &str| u16::from_str_radix(address.rsplit(':').next().unwrap(), 16).unwrap();
+    let mut connections = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         for line in std::fs::read_to_string(table).unwrap().lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let remote_port = fields[2].rsplit(':').next().unwrap();
-            let established = fields[3] == "01";
-            if established
-                && u16::from_str_radix(remote_port, 16) == Ok(port)
-                && ours.contains(fields[9])
-            {
-                timers.push(fields[5].split(':').next().unwrap().to_owned());
+            if fields[3] == "01" && ours.contains(fields[9]) {
+                let timer = fields[5].split(':').next().unwrap().to_owned();
+                connections.push((port(fields[1]), port(fields[2]), timer));
             }
         }
     }
-    timers
+    connections
+}
+
+/// The timer kind (`tr` in /proc/net/tcp) of each of this process's established TCP
+/// connections to `port`, i.e. the relay's upstream connections. 2 means keepalive: an idle
+/// connection has that timer armed only when SO_KEEPALIVE is on.
+fn timers_of_connections_to(port: u16) -> Vec<String> {
+    our_connections()
+        .into_iter()
+        .filter(|(_, remote, _)| *remote == port)
+        .map(|(_, _, timer)| timer)
+        .collect()
+}
+
+/// Whether the relay holds exactly one PgBouncer connection per upstream connection: after
+/// the stand-in ends a backend, the relay has closed PgBouncer's side too.
+fn relay_sides_match(relay_port: u16, upstream_port: u16) -> bool {
+    let connections = our_connections();
+    let count =
+        |f: &dyn Fn(&(u16, u16, String)) -> bool| connections.iter().filter(|c| f(c)).count();
+    count(&|c| c.0 == relay_port) == count(&|c| c.1 == upstream_port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,17 +281,20 @@ async fn pgbouncer_logs_in_through_the_relay_across_token_lifetimes_and_cancels(
     // A client that stays connected across more than one token lifetime, whose server
     // connection is killed now and then: PgBouncer logs in again each time, through the
     // relay, which must hand the stand-in a live token.
+    // Each killed backend's end reaches PgBouncer through the relay, which closes
+    // PgBouncer's side: PgBouncer drops that idle server connection, so no query fails.
     let long_lived = through_pgbouncer(port, "app_user").await;
+    let mut kills = 0;
     while started.elapsed() < lifetime + Duration::from_secs(6) {
         tokio::time::sleep(Duration::from_secs(4)).await;
-        standin.psql_admin(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE usename='app_user' AND state='idle'",
+        kills += kill_idle_backends(&standin, "app_user");
+        assert!(
+            wait_until(Duration::from_secs(5), || relay_sides_match(
+                relay.port,
+                standin.port()
+            )),
+            "the relay kept PgBouncer's side of a dead upstream connection"
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // PgBouncer notices the dead server connection on its next use; a failed query
-        // there is PgBouncer's business, the next one must log in again.
-        let _ = long_lived.simple_query("SELECT 1").await;
         assert_eq!(
             current_user(&long_lived).await,
             "app_user",
@@ -284,6 +304,7 @@ async fn pgbouncer_logs_in_through_the_relay_across_token_lifetimes_and_cancels(
         let fresh = through_pgbouncer(port, "reporter").await;
         assert_eq!(current_user(&fresh).await, "reporter");
     }
+    assert!(kills >= 4, "{kills} kills");
     assert!(
         logins(&standin, "app_user") >= 3,
         "{:?}",
@@ -300,7 +321,10 @@ async fn pgbouncer_logs_in_through_the_relay_across_token_lifetimes_and_cancels(
     let client = through_pgbouncer(port, "app_user").await;
     let cancel = client.cancel_token();
     let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        standin.wait_for_active_query("app_user", "SELECT pg_sleep(30)", Duration::from_secs(10)),
+        "the query never ran on the stand-in"
+    );
     let asked = Instant::now();
     cancel.cancel_query(NoTls).await.unwrap();
     let result = tokio::time::timeout(Duration::from_secs(10), sleeping)

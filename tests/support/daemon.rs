@@ -97,6 +97,20 @@ impl Daemon {
         listen_port: u16,
         settings: &str,
     ) -> Daemon {
+        let mut daemon = Self::spawn_supervised_with(work, standin, creds, listen_port, settings);
+        daemon.wait_until_started();
+        daemon
+    }
+
+    /// As `start_supervised_with`, without waiting for the first tokens: for daemons that
+    /// must not get them.
+    pub fn spawn_supervised_with(
+        work: &Path,
+        standin: &Standin,
+        creds: &Creds,
+        listen_port: u16,
+        settings: &str,
+    ) -> Daemon {
         let config = work.join("aws-pgbouncer.toml");
         let text = format!(
             "listen = \"127.0.0.1:{listen_port}\"\nserver_ca_file = \"{}\"\nregion = \"{}\"\n{}",
@@ -105,13 +119,11 @@ impl Daemon {
             settings.replace("{standin_port}", &standin.port().to_string()),
         );
         write_file(&config, &text, 0o644);
-        let mut daemon = Daemon::start(
+        Daemon::start(
             work,
             creds,
             &["--supervise", "--config", config.to_str().unwrap()],
-        );
-        daemon.wait_until_started();
-        daemon
+        )
     }
 
     /// Starts `run` with `args` (plus `--pgbouncer-dir work/pgbouncer` and a free HTTP port).

@@ -725,6 +725,19 @@ impl Standin {
         self.psql_admin(&sql).parse().expect("count")
     }
 
+    /// Waits up to `timeout` until a backend of `user` is running `query` (`state =
+    /// 'active'` in pg_stat_activity), so that what follows, a cancel say, finds it running
+    /// rather than on its way. Returns whether it showed up.
+    pub fn wait_for_active_query(&self, user: &str, query: &str, timeout: Duration) -> bool {
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE usename = {} AND state = 'active' AND query = {}",
+            sql_literal(user),
+            sql_literal(query)
+        );
+        wait_until(timeout, || self.psql_admin(&sql) != "0")
+    }
+
     /// The verifier's decisions so far, oldest first: JSON objects with user, token_user,
     /// akid, endpoint, length, accepted, reason, detail, botocore_identical.
     pub fn verifier_log(&self) -> Vec<Value> {
