@@ -5,7 +5,8 @@
 # Sets: REPO TESTBED PG_BINDIR PGBOUNCER_BIN WORK RESULTS as_user world_cpus pod_cpus
 # Gives: say, free_port, start_bg, stop_all (the EXIT trap), start_standin, standin_sql,
 #        reset_pgbench_tables, pgbench_figures, pgbouncer_section, daemon_binary, loadavg,
-#        wait_http_200, start_aws (a supervising daemon for one stand-in database)
+#        wait_http_200, start_aws (a supervising daemon for one stand-in database),
+#        prepare_aws + launch_aws (the same on a config the script writes itself)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TESTBED=${AWS_PGBOUNCER_TESTBED:-/opt/aws-pgbouncer-testbed}
@@ -80,11 +81,14 @@ trap stop_all EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# start_standin: an RDS stand-in in $WORK/standin; sets STANDIN_PORT STANDIN_DIR STANDIN_PID.
+# start_standin: an RDS stand-in in $WORK/standin, plus the postgresql.conf lines in $STANDIN_CONF if
+# set; sets STANDIN_PORT STANDIN_DIR STANDIN_PID.
 start_standin() {
     STANDIN_PORT=$(free_port)
     STANDIN_DIR=$WORK/standin
     bash "$REPO/scripts/standin" init "$STANDIN_DIR" "$STANDIN_PORT" >/dev/null
+    # STANDIN_CONF: extra postgresql.conf lines of a script (e.g. max_connections), last wins.
+    [ -z "${STANDIN_CONF:-}" ] || printf '%s\n' "$STANDIN_CONF" >>"$STANDIN_DIR/data/postgresql.conf"
     start_bg "$RESULTS/standin.log" "${world_cpus[@]}" bash "$REPO/scripts/standin" run "$STANDIN_DIR"
     STANDIN_PID=$LAST_PID
     local tries=0
@@ -165,18 +169,23 @@ machine_line() {
         "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1)" "$(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
-# Daemons started by start_aws, by name: PgBouncer's port, the HTTP port, the directory and
-# the daemon's pid.
+# Daemons started by start_aws or launch_aws, by name: PgBouncer's port, the HTTP port, the
+# directory and the daemon's pid.
 declare -A bench_port bench_http bench_dir bench_daemon_pid
-# start_aws NAME TOP_LINES DATABASE_LINES: writes NAME.toml (TOP_LINES before the common
-# settings, DATABASE_LINES in the one [[databases]] entry) and starts a supervising daemon on
-# it, PgBouncer on ${bench_port[NAME]}, pooling transactions with $POOL_SIZE server connections.
-start_aws() {
+# prepare_aws NAME: picks NAME's ports and makes its directory, for a config written next.
+prepare_aws() {
     local name=$1
     bench_port[$name]=$(free_port)
     bench_http[$name]=$(free_port)
     bench_dir[$name]=$WORK/$name/pgbouncer
     mkdir "$WORK/$name"
+}
+# start_aws NAME TOP_LINES DATABASE_LINES: writes NAME.toml (TOP_LINES before the common
+# settings, DATABASE_LINES in the one [[databases]] entry) and starts a supervising daemon on
+# it, PgBouncer on ${bench_port[NAME]}, pooling transactions with $POOL_SIZE server connections.
+start_aws() {
+    local name=$1
+    prepare_aws "$name"
     cat >"$WORK/$name.toml" <<EOF
 $2
 pgbouncer_dir = "${bench_dir[$name]}"
@@ -197,6 +206,11 @@ pool_mode = "transaction"
 default_pool_size = $POOL_SIZE
 max_client_conn = 200
 EOF
+    launch_aws "$name"
+}
+# launch_aws NAME: starts a supervising daemon on $WORK/NAME.toml (after prepare_aws NAME).
+launch_aws() {
+    local name=$1
     cp "$WORK/$name.toml" "$RESULTS/$name.toml"
     [ ${#as_user[@]} -eq 0 ] || chown -R postgres: "$WORK/$name" "$WORK/$name.toml"
     start_bg "$RESULTS/$name-daemon.log" "${pod_cpus[@]}" "${as_user[@]}" "${daemon_env[@]}" "$DAEMON" run \
