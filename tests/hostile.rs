@@ -50,6 +50,20 @@ async fn send_and_expect_close(port: u16, bytes: &[u8]) -> bool {
         .is_ok()
 }
 
+/// The server ended the connection without a word: a clean close, or a reset when it closed
+/// with our bytes unread. That is how an eviction before login looks from the client.
+fn closed_by_the_server(error: &tokio_postgres::Error) -> bool {
+    let io_kind = std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    error.as_db_error().is_none()
+        && (error.to_string() == "connection closed"
+            || matches!(
+                io_kind,
+                Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)
+            ))
+}
+
 fn startup_packet() -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&196608u32.to_be_bytes());
@@ -168,21 +182,19 @@ users = ["app_user", "reporter"]
                     .connect_timeout(Duration::from_secs(5))
                     .connect(NoTls)
                     .await;
-                let outcome = attempt.err().map(|error| match error.as_db_error() {
-                    Some(db) => (Some(db.code().clone()), db.message().to_owned()),
-                    None => (None, error.to_string()),
-                });
-                match outcome {
-                    Some((Some(code), message))
-                        if code == SqlState::INVALID_PASSWORD
-                            && message == WRONG_PASSWORD_REFUSAL =>
-                    {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some((None, message)) if message == "connection closed" => {
-                        evicted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => unexpected.lock().unwrap().push(format!("{other:?}")),
+                let Err(error) = attempt else {
+                    unexpected.lock().unwrap().push("admitted".to_owned());
+                    continue;
+                };
+                if error.as_db_error().is_some_and(|db| {
+                    db.code() == &SqlState::INVALID_PASSWORD
+                        && db.message() == WRONG_PASSWORD_REFUSAL
+                }) {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                } else if closed_by_the_server(&error) {
+                    evicted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    unexpected.lock().unwrap().push(format!("{error:?}"));
                 }
             }
         });
