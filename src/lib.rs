@@ -7,6 +7,8 @@
 //! - [`config`] merges flags, environment and the TOML file into checked settings;
 //! - [`pgbouncer`] renders PgBouncer's files and talks to its admin console;
 //! - [`daemon`] ties them together for `aws-pgbouncer run`;
+//! - [`endpoint`] (auth-query mode) and [`relay`] (passthrough mode) serve PgBouncer over one
+//!   PostgreSQL wire layer, [`wire`];
 //! - [`http`] and [`metrics`] serve probes and Prometheus metrics;
 //! - [`check`], [`wait`] and [`shutdown`] are the `check`, `wait` and `shutdown` commands;
 //! - [`error_text`] turns errors into the one-line messages all of them print.
@@ -29,3 +31,4 @@ pub mod relay;
 pub mod shutdown;
 pub mod token;
 pub mod wait;
+pub mod wire;

@@ -9,6 +9,7 @@ mod auth_query_mode;
 mod config_mode;
 mod logging;
 mod passthrough_mode;
+mod relay_tokens;
 mod reloader;
 mod running_mode;
 mod signals;
@@ -32,6 +33,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 const ADMIN_SECRET_FILE: &str = "admin-secret";
 
@@ -111,14 +113,11 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
             .map(|source| source.health())
             .unwrap_or_default()
     }));
-    // Dropped at return, which stops the HTTP server and the auth endpoint.
-    let (stop_serving, serving_stopped) = tokio::sync::watch::channel(());
-    let stopped = move || {
-        let mut receiver = serving_stopped.clone();
-        async move {
-            let _ = receiver.changed().await;
-        }
-    };
+    // Cancelled when this guard drops at return, however it returns, which stops the HTTP
+    // server, the auth endpoint and the relay.
+    let serving = CancellationToken::new();
+    let stop_serving = serving.clone().drop_guard();
+    let stopped = move || serving.clone().cancelled_owned();
     tokio::spawn(http::serve(
         http_listener,
         state.clone(),

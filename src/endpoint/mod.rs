@@ -16,23 +16,31 @@
 //!
 //! The target is the database PgBouncer connected to, i.e. its `auth_dbname`.
 
-// The relay (`crate::relay`) reuses the protocol, SCRAM and listener code.
-pub(crate) mod backend;
-pub(crate) mod frontend;
-pub(crate) mod listener;
-pub(crate) mod pre_auth;
-pub(crate) mod scram;
-pub(crate) mod session;
+//!
+//! The connection handling up to the startup packet (listener, TLS, limits) is the wire
+//! layer's ([`crate::wire`]), which the relay shares.
+
+mod extended;
+mod frontend;
+#[cfg(any(fuzzing, test))]
+mod fuzz;
+mod queries;
+mod session;
+mod sql;
 mod tls;
 
-pub use listener::{BoundListener, DEFAULT_SOCKET_MODE, Listen, serve};
+pub use crate::wire::{BoundListener, DEFAULT_SOCKET_MODE, Listen};
 pub use tls::{CA_FILE_NAME, self_signed_tls};
 
+use crate::wire::accept::{self, Capacity};
 use secrecy::SecretString;
+use session::Shared;
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_rustls::TlsAcceptor;
 
 /// Where the tokens come from. The daemon implements it on top of its token source.
 pub trait TokenLookup: Send + Sync + 'static {
@@ -115,28 +123,30 @@ impl fmt::Debug for EndpointConfig {
     }
 }
 
-/// Entry points for the fuzz targets in `fuzz/` and the tests that replay their findings.
+/// Serves until `shutdown` resolves, then tells the sessions to end and returns when they
+/// have, or after `limits.shutdown_grace`. Errors are those of the listening socket itself;
+/// a failing session only ends itself.
+pub async fn serve<L: TokenLookup>(
+    listener: BoundListener,
+    config: Arc<EndpointConfig>,
+    lookup: Arc<L>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let capacity = Capacity {
+        max_connections: config.limits.max_connections,
+        shutdown_grace: config.limits.shutdown_grace,
+    };
+    // PgBouncer never starts TLS over a unix socket, so it is offered on TCP only.
+    let tls = (config.tls.clone())
+        .filter(|_| listener.is_tcp())
+        .map(TlsAcceptor::from);
+    let shared = Arc::new(Shared::new(config, lookup, tls));
+    accept::serve(listener, "auth endpoint", shared, capacity, shutdown).await
+}
+
+/// Entry points for the fuzz targets in `fuzz/`; compiled only with `--cfg fuzzing`.
+#[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use super::session::fuzz_session;
-
-    /// Frames and decodes `data` as a startup packet followed by messages, as a session
-    /// would, stopping at the first error.
-    pub fn parse_frontend(data: &[u8]) {
-        use super::frontend;
-        let mut buf = bytes::BytesMut::from(data);
-        let limit = 8 * 1024;
-        if !matches!(frontend::split_startup(&mut buf, limit), Ok(Some(_))) {
-            return;
-        }
-        while let Ok(Some((tag, body))) = frontend::split_message(&mut buf, limit) {
-            match frontend::decode(tag, body) {
-                Ok(frontend::FrontendMessage::Password(body)) => {
-                    let _ = frontend::decode_sasl_initial(body);
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    }
+    pub use super::fuzz::{fuzz_session, parse_frontend};
 }

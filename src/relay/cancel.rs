@@ -7,13 +7,33 @@
 
 use super::Upstream;
 use super::upstream;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// A backend's cancel key, as its BackendKeyData carried it (protocol 3.0, which is what the
+/// relay speaks upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct CancelKey {
+    pub process_id: i32,
+    pub secret_key: i32,
+}
+
+impl CancelKey {
+    /// The key of a CancelRequest as PgBouncer sent it; `None` for any other length, which
+    /// no upstream of the relay can have handed out.
+    pub fn parse(key: &[u8]) -> Option<Self> {
+        let key: [u8; 8] = key.try_into().ok()?;
+        let [p0, p1, p2, p3, s0, s1, s2, s3] = key;
+        Some(Self {
+            process_id: i32::from_be_bytes([p0, p1, p2, p3]),
+            secret_key: i32::from_be_bytes([s0, s1, s2, s3]),
+        })
+    }
+}
 
 #[derive(Default)]
 pub(super) struct CancelMap {
@@ -23,26 +43,26 @@ pub(super) struct CancelMap {
 #[derive(Default)]
 struct Inner {
     next_id: AtomicU64,
-    keys: Mutex<HashMap<Bytes, (u64, Upstream)>>,
+    keys: Mutex<HashMap<CancelKey, (u64, Upstream)>>,
 }
 
 /// A key's entry, removed when this is dropped (the session ended, however it ended).
 pub(super) struct Registration {
     inner: Arc<Inner>,
-    key: Bytes,
+    key: CancelKey,
     id: u64,
 }
 
 impl CancelMap {
-    /// Maps `key` (BackendKeyData's body) to `upstream` until the registration is dropped.
-    pub fn register(&self, key: Bytes, upstream: Upstream) -> Registration {
+    /// Maps `key` to `upstream` until the registration is dropped.
+    pub fn register(&self, key: CancelKey, upstream: Upstream) -> Registration {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let replaced = self
             .inner
             .keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), (id, upstream));
+            .insert(key, (id, upstream));
         if replaced.is_some() {
             tracing::debug!("two live sessions share a cancel key; the newer one gets it");
         }
@@ -53,9 +73,9 @@ impl CancelMap {
         }
     }
 
-    pub fn lookup(&self, key: &[u8]) -> Option<Upstream> {
+    pub fn lookup(&self, key: CancelKey) -> Option<Upstream> {
         let keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
-        keys.get(key).map(|(_, upstream)| upstream.clone())
+        keys.get(&key).map(|(_, upstream)| upstream.clone())
     }
 }
 
@@ -73,13 +93,11 @@ impl Drop for Registration {
 pub(super) async fn forward(
     upstream: &Upstream,
     tls: &tokio_rustls::TlsConnector,
-    key: &[u8],
+    key: CancelKey,
 ) -> Result<(), String> {
     let mut stream = upstream::connect(upstream, tls).await?;
-    let mut request = BytesMut::with_capacity(8 + key.len());
-    request.put_i32(i32::try_from(8 + key.len()).unwrap_or(i32::MAX));
-    request.put_i32(CANCEL_REQUEST_CODE);
-    request.put_slice(key);
+    let mut request = BytesMut::new();
+    frontend::cancel_request(key.process_id, key.secret_key, &mut request);
     let sent = async {
         stream.write_all(&request).await?;
         stream.flush().await?;
@@ -109,11 +127,11 @@ mod tests {
         }
     }
 
-    fn key(pid: i32, secret: i32) -> Bytes {
-        let mut key = BytesMut::new();
-        key.put_i32(pid);
-        key.put_i32(secret);
-        key.freeze()
+    fn key(process_id: i32, secret_key: i32) -> CancelKey {
+        CancelKey {
+            process_id,
+            secret_key,
+        }
     }
 
     #[test]
@@ -121,13 +139,16 @@ mod tests {
         let map = CancelMap::default();
         let a = map.register(key(1, 10), upstream("a"));
         let b = map.register(key(2, 20), upstream("b"));
-        assert_eq!(map.lookup(&key(1, 10)), Some(upstream("a")));
-        assert_eq!(map.lookup(&key(2, 20)), Some(upstream("b")));
-        assert_eq!(map.lookup(&key(1, 20)), None, "the secret must match too");
-        assert_eq!(map.lookup(&[]), None);
+        assert_eq!(map.lookup(key(1, 10)), Some(upstream("a")));
+        assert_eq!(map.lookup(key(2, 20)), Some(upstream("b")));
+        assert_eq!(map.lookup(key(1, 20)), None, "the secret must match too");
+        assert_eq!(CancelKey::parse(&[]), None);
+        let mut request = BytesMut::new();
+        frontend::cancel_request(1, 10, &mut request);
+        assert_eq!(CancelKey::parse(&request[8..]), Some(key(1, 10)));
         drop(a);
-        assert_eq!(map.lookup(&key(1, 10)), None);
-        assert_eq!(map.lookup(&key(2, 20)), Some(upstream("b")));
+        assert_eq!(map.lookup(key(1, 10)), None);
+        assert_eq!(map.lookup(key(2, 20)), Some(upstream("b")));
         drop(b);
         assert!(map.inner.keys.lock().unwrap().is_empty());
     }
@@ -137,15 +158,15 @@ mod tests {
         let map = CancelMap::default();
         let older = map.register(key(7, 7), upstream("old"));
         let newer = map.register(key(7, 7), upstream("new"));
-        assert_eq!(map.lookup(&key(7, 7)), Some(upstream("new")));
+        assert_eq!(map.lookup(key(7, 7)), Some(upstream("new")));
         drop(older);
         assert_eq!(
-            map.lookup(&key(7, 7)),
+            map.lookup(key(7, 7)),
             Some(upstream("new")),
             "the older session's end leaves the newer one's entry"
         );
         drop(newer);
-        assert_eq!(map.lookup(&key(7, 7)), None);
+        assert_eq!(map.lookup(key(7, 7)), None);
     }
 
     #[test]
@@ -157,10 +178,10 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..200 {
                         let k = key(t, i);
-                        let r = map.register(k.clone(), upstream("x"));
-                        assert!(map.lookup(&k).is_some());
+                        let r = map.register(k, upstream("x"));
+                        assert!(map.lookup(k).is_some());
                         drop(r);
-                        assert!(map.lookup(&k).is_none());
+                        assert!(map.lookup(k).is_none());
                     }
                 })
             })

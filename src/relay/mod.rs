@@ -48,18 +48,27 @@
 //! opening a new server connection and sending the key, which the relay looks up and forwards
 //! (over TLS) to that upstream; unknown keys are dropped silently, as PostgreSQL drops them.
 
+//!
+//! **Where tokens come from.** The relay asks a [`LoginTokens`] for each login; the daemon's
+//! token source is one, and a test can bring its own.
+//!
+//! The connection handling up to the startup packet (listener, TLS, limits) is the wire
+//! layer's ([`crate::wire`]), which the auth endpoint shares.
+
 mod cancel;
+#[cfg(any(fuzzing, test))]
+mod fuzz;
+mod login;
 mod session;
 mod upstream;
 
 pub use session::FORWARDED_PARAMETERS;
 
-use crate::endpoint::BoundListener;
-use crate::endpoint::listener::serve_with;
-use crate::endpoint::scram::ScramSecret;
-use crate::endpoint::session::End;
 use crate::metrics::{Metrics, RelayRefusal};
-use crate::token::TokenSource;
+use crate::wire::BoundListener;
+use crate::wire::accept::{self, Capacity};
+use crate::wire::conn::End;
+use crate::wire::scram::ScramSecret;
 use cancel::CancelMap;
 use rustls::ClientConfig;
 use secrecy::SecretString;
@@ -70,6 +79,17 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Where the relay gets the token for each upstream login.
+pub trait LoginTokens: Send + Sync + 'static {
+    /// A token that logs `user` in to `upstream` now, or why there is none. The reason goes
+    /// to PgBouncer's log, so it must hold no secret.
+    fn token(
+        &self,
+        upstream: &Upstream,
+        user: &str,
+    ) -> impl Future<Output = Result<SecretString, String>> + Send;
+}
 
 /// Where a target's connections go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,16 +180,29 @@ pub fn upstream_tls(ca_file: &Path) -> Result<Arc<ClientConfig>, String> {
 }
 
 /// What every connection of one relay shares.
-struct Shared {
+struct Shared<T> {
     config: Arc<RelayConfig>,
     secret: ScramSecret,
-    source: Arc<TokenSource>,
+    tokens: T,
     tls: tokio_rustls::TlsConnector,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     cancels: CancelMap,
 }
 
-impl Shared {
+impl<T> Shared<T> {
+    fn new(config: Arc<RelayConfig>, tokens: T, offer_tls: bool) -> Self {
+        Self {
+            secret: ScramSecret::generate(&config.secret),
+            tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
+            acceptor: (config.server_tls.clone())
+                .filter(|_| offer_tls)
+                .map(tokio_rustls::TlsAcceptor::from),
+            config,
+            tokens,
+            cancels: CancelMap::default(),
+        }
+    }
+
     fn count_refusal(&self, reason: RelayRefusal) {
         if let Some(metrics) = &self.config.metrics {
             metrics.relay_refused(reason);
@@ -186,42 +219,25 @@ impl Shared {
 /// Serves until `shutdown` resolves, then stops accepting and returns once the relayed
 /// sessions have ended, or after `limits.shutdown_grace`. Errors are those of the listening
 /// socket itself; a failing connection only ends itself.
-pub async fn serve(
+pub async fn serve<T: LoginTokens>(
     listener: BoundListener,
     config: Arc<RelayConfig>,
-    source: Arc<TokenSource>,
+    tokens: T,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let limits = config.limits.clone();
-    let shared = Arc::new(Shared {
-        secret: ScramSecret::generate(&config.secret),
-        tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
-        acceptor: config
-            .server_tls
-            .clone()
-            .map(tokio_rustls::TlsAcceptor::from),
-        config,
-        source,
-        cancels: CancelMap::default(),
-    });
-    let connection = move |stream, peer, stopped, pre_auth| {
-        session::run(Arc::clone(&shared), stream, peer, stopped, pre_auth)
+    let capacity = Capacity {
+        max_connections: config.limits.max_connections,
+        shutdown_grace: config.limits.shutdown_grace,
     };
-    serve_with(
-        listener,
-        "relay",
-        limits.max_connections,
-        limits.shutdown_grace,
-        shutdown,
-        connection,
-    )
-    .await
+    let shared = Arc::new(Shared::new(config, tokens, listener.is_tcp()));
+    accept::serve(listener, "relay", shared, capacity, shutdown).await
 }
 
-/// Entry point for the fuzz target in `fuzz/` and the test that replays it.
+/// Entry point for the fuzz target in `fuzz/`; compiled only with `--cfg fuzzing`.
+#[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use super::session::fuzz_relay;
+    pub use super::fuzz::fuzz_relay;
 }
 
 #[cfg(test)]

@@ -1,14 +1,13 @@
 //! The connection to an upstream server: TCP, SSLRequest, then TLS with verify-full.
 
 use super::Upstream;
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-
-/// Length 8, then the SSLRequest code 1234.5679.
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 pub(super) type UpstreamStream = TlsStream<TcpStream>;
 
@@ -28,7 +27,9 @@ pub(super) async fn connect(
     // same for the real ones, or an RDS that vanished (a failover) would leave idle pooled
     // connections half-open until their next use.
     let _ = socket2::SockRef::from(&tcp).set_keepalive(true);
-    tcp.write_all(&SSL_REQUEST)
+    let mut ssl_request = BytesMut::new();
+    frontend::ssl_request(&mut ssl_request);
+    tcp.write_all(&ssl_request)
         .await
         .map_err(|e| format!("could not send the SSL request to {addr}: {e}"))?;
     // Exactly one byte: anything the server sent after it would be outside TLS

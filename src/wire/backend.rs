@@ -1,9 +1,10 @@
-//! Serializers for the server messages the endpoint sends.
+//! Serializers for the server messages the endpoint and the relay send.
 //!
 //! postgres-protocol only parses these (it is a client library), so they are written here;
 //! the tests parse every one of them back with postgres-protocol's own parser.
 
 use bytes::{BufMut, BytesMut};
+use tokio_postgres::error::SqlState;
 
 /// Type OIDs from pg_type.
 pub const TEXT_OID: u32 = 25;
@@ -93,15 +94,16 @@ pub fn ready_for_query(out: &mut BytesMut) {
     message(out, b'Z', |b| b.put_u8(b'I'));
 }
 
-/// An ErrorResponse. `severity` is ERROR (session goes on) or FATAL (session ends).
-pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, text: &str) {
+/// An ErrorResponse. `severity` is ERROR (session goes on) or FATAL (session ends). The
+/// SQLSTATE is a required [`SqlState`]: PgBouncer before 1.25.2 crashes on an error without.
+pub fn error_response(out: &mut BytesMut, severity: &str, code: &SqlState, text: &str) {
     message(out, b'E', |b| {
         b.put_u8(b'S');
         cstr(b, severity);
         b.put_u8(b'V');
         cstr(b, severity);
         b.put_u8(b'C');
-        cstr(b, code);
+        cstr(b, code.code());
         b.put_u8(b'M');
         cstr(b, text);
         b.put_u8(0);
@@ -194,7 +196,7 @@ mod tests {
         data_row(&mut out, &[b"alice", b"token"]);
         command_complete(&mut out, "SELECT 1");
         empty_query_response(&mut out);
-        error_response(&mut out, "ERROR", "0A000", "nope");
+        error_response(&mut out, "ERROR", &SqlState::FEATURE_NOT_SUPPORTED, "nope");
         ready_for_query(&mut out);
 
         let mut next = || Message::parse(&mut out).unwrap().unwrap();

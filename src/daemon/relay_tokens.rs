@@ -1,0 +1,21 @@
+//! The relay's tokens come from the daemon's token source.
+
+use crate::relay::{LoginTokens, Upstream};
+use crate::token::{TokenKey, TokenSource};
+use secrecy::SecretString;
+use std::sync::Arc;
+
+impl LoginTokens for Arc<TokenSource> {
+    async fn token(&self, upstream: &Upstream, user: &str) -> Result<SecretString, String> {
+        let key = TokenKey {
+            host: upstream.host.clone(),
+            port: upstream.port,
+            user: user.to_owned(),
+            region: upstream.region.clone(),
+        };
+        let fresh = TokenSource::token(self, &key)
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(fresh.token.expose().to_owned().into())
+    }
+}
