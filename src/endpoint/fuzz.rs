@@ -65,7 +65,7 @@ pub fn fuzz_session(data: &[u8]) {
             tls: None,
             metrics: None,
         };
-        Arc::new(Shared::new(Arc::new(config), Arc::new(FuzzLookup), None))
+        Arc::new(Shared::new(Arc::new(config), Arc::new(FuzzLookup)))
     });
     let Some((&mode, input)) = data.split_first() else {
         return;
@@ -79,7 +79,8 @@ pub fn fuzz_session(data: &[u8]) {
                 shutdown: CancellationToken::new(),
                 pre_auth: PreAuth::detached(),
             };
-            startup::run(&**shared, server, false, handshake).await;
+            let max_message = shared.config.limits.max_message_bytes;
+            startup::run(&**shared, server, None, max_message, handshake).await;
         } else {
             let mut conn = Conn::new(server, shared.config.limits.max_message_bytes);
             let mut queries = Queries::new(shared, "db".into());

@@ -32,7 +32,7 @@ mod tls;
 pub use crate::wire::{BoundListener, DEFAULT_SOCKET_MODE, Listen};
 pub use tls::{CA_FILE_NAME, self_signed_tls};
 
-use crate::wire::accept::{self, Capacity};
+use crate::wire::accept::{self, Serving};
 use secrecy::SecretString;
 use session::Shared;
 use std::fmt;
@@ -40,7 +40,6 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_rustls::TlsAcceptor;
 
 /// Where the tokens come from. The daemon implements it on top of its token source.
 pub trait TokenLookup: Send + Sync + 'static {
@@ -97,6 +96,13 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    fn serving(&self) -> Serving {
+        Serving::new(self.max_connections, self.shutdown_grace)
+            .handshake(self.max_message_bytes, self.handshake_timeout)
+    }
+}
+
 /// The endpoint's settings.
 pub struct EndpointConfig {
     /// The only user admitted (PgBouncer's `auth_user`).
@@ -132,16 +138,9 @@ pub async fn serve<L: TokenLookup>(
     lookup: Arc<L>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let capacity = Capacity {
-        max_connections: config.limits.max_connections,
-        shutdown_grace: config.limits.shutdown_grace,
-    };
-    // PgBouncer never starts TLS over a unix socket, so it is offered on TCP only.
-    let tls = (config.tls.clone())
-        .filter(|_| listener.is_tcp())
-        .map(TlsAcceptor::from);
-    let shared = Arc::new(Shared::new(config, lookup, tls));
-    accept::serve(listener, "auth endpoint", shared, capacity, shutdown).await
+    let serving = config.limits.serving().offering(config.tls.as_ref());
+    let shared = Arc::new(Shared::new(config, lookup));
+    accept::serve(listener, "auth endpoint", shared, serving, shutdown).await
 }
 
 /// Entry points for the fuzz targets in `fuzz/`; compiled only with `--cfg fuzzing`.

@@ -11,45 +11,28 @@ use crate::wire::scram::ScramSecret;
 use crate::wire::startup::{First, Handshake, StartupParams};
 use crate::wire::{Protocol, backend};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::error::SqlState;
-use tokio_rustls::TlsAcceptor;
 
 /// What every session of one endpoint shares.
 pub(crate) struct Shared<L> {
     pub config: Arc<EndpointConfig>,
     secret: ScramSecret,
     pub lookup: Arc<L>,
-    /// Offered on TCP; `None` on a unix socket, where PgBouncer never starts TLS.
-    tls: Option<TlsAcceptor>,
 }
 
 impl<L: TokenLookup> Shared<L> {
-    pub fn new(config: Arc<EndpointConfig>, lookup: Arc<L>, tls: Option<TlsAcceptor>) -> Self {
+    pub fn new(config: Arc<EndpointConfig>, lookup: Arc<L>) -> Self {
         let secret = ScramSecret::generate(&config.auth_secret);
         Self {
             config,
             secret,
             lookup,
-            tls,
         }
     }
 }
 
 impl<L: TokenLookup> Protocol for Shared<L> {
-    fn tls(&self) -> Option<&TlsAcceptor> {
-        self.tls.as_ref()
-    }
-
-    fn max_message_bytes(&self) -> usize {
-        self.config.limits.max_message_bytes
-    }
-
-    fn handshake_timeout(&self) -> Duration {
-        self.config.limits.handshake_timeout
-    }
-
     fn opened(&self) -> Option<OpenConnection> {
         let metrics = self.config.metrics.as_ref()?;
         Some(metrics.endpoint_connection_opened())

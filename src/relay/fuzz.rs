@@ -62,7 +62,7 @@ pub fn fuzz_relay(data: &[u8]) {
             },
             metrics: None,
         };
-        Shared::new(Arc::new(config), FixedToken, false)
+        Shared::new(Arc::new(config), FixedToken)
     });
     let Some((&mode, input)) = data.split_first() else {
         return;
@@ -94,7 +94,8 @@ pub fn fuzz_relay(data: &[u8]) {
                 shutdown: CancellationToken::new(),
                 pre_auth: PreAuth::detached(),
             };
-            startup::run(shared, relay_side, false, handshake).await;
+            let max_message = shared.config.limits.max_message_bytes;
+            startup::run(shared, relay_side, None, max_message, handshake).await;
         }
     });
 }

@@ -66,7 +66,7 @@ pub use session::FORWARDED_PARAMETERS;
 
 use crate::metrics::{Metrics, RelayRefusal};
 use crate::wire::BoundListener;
-use crate::wire::accept::{self, Capacity};
+use crate::wire::accept::{self, Serving};
 use crate::wire::conn::End;
 use crate::wire::scram::ScramSecret;
 use cancel::CancelMap;
@@ -185,18 +185,14 @@ struct Shared<T> {
     secret: ScramSecret,
     tokens: T,
     tls: tokio_rustls::TlsConnector,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
     cancels: CancelMap,
 }
 
 impl<T> Shared<T> {
-    fn new(config: Arc<RelayConfig>, tokens: T, offer_tls: bool) -> Self {
+    fn new(config: Arc<RelayConfig>, tokens: T) -> Self {
         Self {
             secret: ScramSecret::generate(&config.secret),
             tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
-            acceptor: (config.server_tls.clone())
-                .filter(|_| offer_tls)
-                .map(tokio_rustls::TlsAcceptor::from),
             config,
             tokens,
             cancels: CancelMap::default(),
@@ -225,12 +221,12 @@ pub async fn serve<T: LoginTokens>(
     tokens: T,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let capacity = Capacity {
-        max_connections: config.limits.max_connections,
-        shutdown_grace: config.limits.shutdown_grace,
-    };
-    let shared = Arc::new(Shared::new(config, tokens, listener.is_tcp()));
-    accept::serve(listener, "relay", shared, capacity, shutdown).await
+    let limits = &config.limits;
+    let serving = Serving::new(limits.max_connections, limits.shutdown_grace)
+        .handshake(limits.max_message_bytes, limits.handshake_timeout)
+        .offering(config.server_tls.as_ref());
+    let shared = Arc::new(Shared::new(config, tokens));
+    accept::serve(listener, "relay", shared, serving, shutdown).await
 }
 
 /// Entry point for the fuzz target in `fuzz/`; compiled only with `--cfg fuzzing`.

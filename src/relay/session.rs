@@ -15,25 +15,11 @@ use crate::wire::pre_auth::PreAuth;
 use crate::wire::sasl::scram_exchange;
 use crate::wire::startup::{First, Handshake, StartupParams, bounded};
 use bytes::BufMut;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use tokio_postgres::error::SqlState;
-use tokio_rustls::TlsAcceptor;
 
 impl<T: LoginTokens> Protocol for Shared<T> {
-    fn tls(&self) -> Option<&TlsAcceptor> {
-        self.acceptor.as_ref()
-    }
-
-    fn max_message_bytes(&self) -> usize {
-        self.config.limits.max_message_bytes
-    }
-
-    fn handshake_timeout(&self) -> Duration {
-        self.config.limits.handshake_timeout
-    }
-
     async fn started<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
         mut client: Conn<S>,

@@ -17,19 +17,56 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// What bounds a listener as a whole.
-pub(crate) struct Capacity {
+/// What a listener offers and what bounds it.
+pub(crate) struct Serving {
     /// Connections at once (see [`serve`] for what happens beyond).
     pub max_connections: usize,
     /// How long connections may go on after shutdown before they are cut off.
     pub shutdown_grace: Duration,
+    /// Largest frame accepted during the handshake, header included.
+    pub max_message_bytes: usize,
+    /// From accept to the end of the login.
+    pub handshake_timeout: Duration,
+    /// Offered to an SSLRequest on TCP when set; never on a unix socket, where PgBouncer
+    /// never starts TLS.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Serving {
+    /// No TLS, and handshakes bounded by the defaults of [`Serving::handshake`] until set.
+    pub(crate) fn new(max_connections: usize, shutdown_grace: Duration) -> Self {
+        Self {
+            max_connections,
+            shutdown_grace,
+            max_message_bytes: 8 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            tls: None,
+        }
+    }
+
+    pub(crate) fn handshake(self, max_message_bytes: usize, timeout: Duration) -> Self {
+        Self {
+            max_message_bytes,
+            handshake_timeout: timeout,
+            ..self
+        }
+    }
+
+    /// Offers `tls` to an SSLRequest on TCP.
+    pub(crate) fn offering(self, tls: Option<&Arc<rustls::ServerConfig>>) -> Self {
+        Self {
+            tls: tls.cloned().map(TlsAcceptor::from),
+            ..self
+        }
+    }
 }
 
 /// Serves `protocol` on `listener` until `shutdown` resolves (`name` says which in the log),
 /// then cancels the connections' shutdown token and returns when they have ended, or after
-/// `capacity.shutdown_grace`. Errors are those of the listening socket itself; a failing
+/// `serving.shutdown_grace`. Errors are those of the listening socket itself; a failing
 /// connection only ends itself.
 ///
 /// Beyond `max_connections`, a new connection closes the oldest one that has not logged in
@@ -45,10 +82,11 @@ pub(crate) async fn serve<P: Protocol>(
     listener: BoundListener,
     name: &'static str,
     protocol: Arc<P>,
-    capacity: Capacity,
+    serving: Serving,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let max_connections = capacity.max_connections;
+    let max_connections = serving.max_connections;
+    let serving = Arc::new(serving);
     let sessions_allowed = Arc::new(Semaphore::new(max_connections));
     // Refusing takes a moment too (the client must get to read why); bound those as well.
     let refusals_allowed = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -121,8 +159,9 @@ pub(crate) async fn serve<P: Protocol>(
             let place = waiting.enter();
             let id = place.id();
             let protocol = Arc::clone(&protocol);
+            let serving = Arc::clone(&serving);
             let handshake = Handshake {
-                deadline: Instant::now() + protocol.handshake_timeout(),
+                deadline: Instant::now() + serving.handshake_timeout,
                 peer,
                 peer_uid: peer_uid.filter(|&uid| uid != u32::MAX),
                 shutdown: stop.clone(),
@@ -130,10 +169,15 @@ pub(crate) async fn serve<P: Protocol>(
             };
             let task = tasks.spawn(async move {
                 let open = protocol.opened();
+                let max_message = serving.max_message_bytes;
                 match stream {
-                    Stream::Tcp(s) => startup::run(&*protocol, s, true, handshake).await,
-                    // PgBouncer never starts TLS over a unix socket.
-                    Stream::Unix(s) => startup::run(&*protocol, s, false, handshake).await,
+                    Stream::Tcp(s) => {
+                        let tls = serving.tls.as_ref();
+                        startup::run(&*protocol, s, tls, max_message, handshake).await;
+                    }
+                    Stream::Unix(s) => {
+                        startup::run(&*protocol, s, None, max_message, handshake).await;
+                    }
                 }
                 if let Some(mut open) = open {
                     open.set_outcome(ConnectionOutcome::Completed);
@@ -162,7 +206,7 @@ pub(crate) async fn serve<P: Protocol>(
 
     drop(listener);
     stop.cancel();
-    let drained = tokio::time::timeout(capacity.shutdown_grace, async {
+    let drained = tokio::time::timeout(serving.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;

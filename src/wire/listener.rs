@@ -53,10 +53,6 @@ impl BoundListener {
         Ok(Self { inner })
     }
 
-    pub(crate) fn is_tcp(&self) -> bool {
-        matches!(self.inner, Inner::Tcp(_))
-    }
-
     /// The bound TCP address (with the port the system picked for port 0); `None` for a
     /// unix socket.
     pub fn local_addr(&self) -> Option<SocketAddr> {

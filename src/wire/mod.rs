@@ -1,9 +1,9 @@
 //! The server side of the PostgreSQL wire protocol that the auth-query endpoint
 //! ([`crate::endpoint`]) and the passthrough relay ([`crate::relay`]) both speak to PgBouncer.
 //!
-//! Each is a [`Protocol`]: it says what TLS it offers and how big and how slow a handshake may
-//! be, and takes over once the client's startup packet (or CancelRequest) is in. Everything
-//! before that is here, once:
+//! Each is a [`Protocol`] that takes over once the client's startup packet (or CancelRequest)
+//! is in, with the TLS it offers and the bounds of a handshake given as an
+//! [`accept::Serving`]. Everything before that is here, once:
 //!
 //! - [`listener`] binds the socket (a unix socket gets its mode before it appears);
 //! - [`accept`] runs the accept loop and its defences: the peer-uid check on unix sockets,
@@ -34,18 +34,11 @@ use crate::metrics::OpenConnection;
 use conn::Conn;
 use startup::{First, Handshake};
 use std::future::Future;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_rustls::TlsAcceptor;
 
-/// A server that runs over the wire layer: the auth-query endpoint or the relay.
+/// A server that runs over the wire layer: the auth-query endpoint or the relay. What bounds
+/// it is given to [`accept::serve`] apart ([`accept::Serving`]).
 pub(crate) trait Protocol: Send + Sync + 'static {
-    /// Offered to an SSLRequest on TCP when set.
-    fn tls(&self) -> Option<&TlsAcceptor>;
-    /// Largest frame accepted during the handshake, header included.
-    fn max_message_bytes(&self) -> usize;
-    /// From accept to the end of the login.
-    fn handshake_timeout(&self) -> Duration;
     /// Counts the connection as open from accept until it ends, if the protocol counts them.
     fn opened(&self) -> Option<OpenConnection> {
         None

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use tokio_postgres::error::SqlState;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// What bounds one connection's handshake, and whom it is with.
@@ -90,16 +91,18 @@ enum Negotiated {
     StartTls,
 }
 
-/// Runs one accepted connection: encryption requests (TLS when `offer_tls` and the protocol
-/// has an acceptor), the startup packet, then the protocol. A connection that ends before
-/// its startup packet is told why.
-pub(crate) async fn run<P, S>(protocol: &P, stream: S, offer_tls: bool, handshake: Handshake)
-where
+/// Runs one accepted connection: encryption requests (TLS when `tls` is set), the startup
+/// packet, then the protocol. A connection that ends before its startup packet is told why.
+pub(crate) async fn run<P, S>(
+    protocol: &P,
+    stream: S,
+    tls: Option<&TlsAcceptor>,
+    max_message: usize,
+    handshake: Handshake,
+) where
     P: Protocol,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let max_message = protocol.max_message_bytes();
-    let tls = protocol.tls().filter(|_| offer_tls);
     let mut conn = Conn::new(stream, max_message);
     match handshake.bounded(negotiate(&mut conn, tls.is_some())).await {
         Ok(Negotiated::First(first)) => protocol.started(conn, first, handshake).await,
