@@ -1,20 +1,20 @@
 //! Random inputs, minted here and by botocore (tests/oracle/botocore_mint.py), compared byte
 //! for byte. The fixed vectors cannot cover the cross product of user characters, host case,
-//! ports, session tokens, regions, times and expiries; this does, from a seed you can replay.
-//!
-//! The oracle is required: a missing interpreter fails the test rather than skipping it, since a
-//! skipped oracle would let a signer that drifted from botocore pass CI.
+//! ports, session tokens, regions and partitions, host name shapes, times and expiries, for RDS
+//! and Aurora DSQL tokens; this does, from a seed you can replay.
+
+mod oracle;
 
 use aws_credential_types::Credentials;
-use aws_pgbouncer::token::{MAX_TOKEN_BYTES, MintError, TokenKey, check_pgbouncer_limit, mint};
+use aws_pgbouncer::token::{
+    AuthToken, DsqlAction, DsqlKey, MAX_TOKEN_BYTES, MintError, TokenKey, check_pgbouncer_limit,
+    mint, mint_dsql, region_from_host,
+};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
-use std::io::{Seek, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 const CASES: usize = 800;
 const SEED_VAR: &str = "AWS_PGBOUNCER_TOKEN_SEED";
@@ -29,7 +29,9 @@ const REGIONS: &[&str] = &[
     "sa-east-1",
     "me-central-1",
     "us-gov-west-1",
+    "us-gov-east-1",
     "cn-north-1",
+    "cn-northwest-1",
 ];
 
 /// Characters users are built from: the ones that tripped other signers (`+ @ & # / = % ~`,
@@ -40,9 +42,14 @@ const USER_CHARS: &[char] = &[
     'Ł', 'ж', 'Ж', 'λ', 'Ω', 'ñ', '日', '本', '語', '𝔘',
 ];
 
+enum Target {
+    Rds(TokenKey),
+    Dsql(DsqlKey),
+}
+
 struct Case {
     credentials: Credentials,
-    key: TokenKey,
+    target: Target,
     epoch: u64,
     subsec_nanos: u32,
     expires_in: u64,
@@ -50,21 +57,50 @@ struct Case {
 
 impl Case {
     fn oracle_input(&self) -> Value {
-        json!({
+        let mut input = json!({
             "access_key_id": self.credentials.access_key_id(),
             "secret_access_key": self.credentials.secret_access_key(),
             "session_token": self.credentials.session_token(),
-            "region": self.key.region,
-            "host": self.key.host,
-            "port": self.key.port,
-            "user": self.key.user,
+            "region": self.region(),
+            "host": self.host(),
             "epoch": self.epoch,
             "expires_in": self.expires_in,
-        })
+        });
+        match &self.target {
+            Target::Rds(key) => {
+                input["kind"] = json!("rds");
+                input["port"] = json!(key.port);
+                input["user"] = json!(key.user);
+            }
+            Target::Dsql(key) => {
+                input["kind"] = json!("dsql");
+                input["admin"] = json!(key.action == DsqlAction::DbConnectAdmin);
+            }
+        }
+        input
     }
 
-    fn signed_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::new(self.epoch, self.subsec_nanos)
+    fn host(&self) -> &str {
+        match &self.target {
+            Target::Rds(key) => &key.host,
+            Target::Dsql(key) => &key.host,
+        }
+    }
+
+    fn region(&self) -> &str {
+        match &self.target {
+            Target::Rds(key) => &key.region,
+            Target::Dsql(key) => &key.region,
+        }
+    }
+
+    fn mint(&self) -> Result<AuthToken, MintError> {
+        let signed_at = UNIX_EPOCH + Duration::new(self.epoch, self.subsec_nanos);
+        let expires_in = Duration::from_secs(self.expires_in);
+        match &self.target {
+            Target::Rds(key) => mint(&self.credentials, key, signed_at, expires_in),
+            Target::Dsql(key) => mint_dsql(&self.credentials, key, signed_at, expires_in),
+        }
     }
 }
 
@@ -104,8 +140,9 @@ fn credential_pool(rng: &mut StdRng) -> Vec<Credentials> {
     .collect()
 }
 
-fn random_host(rng: &mut StdRng, region: &str) -> String {
-    let host = if rng.random_bool(0.05) {
+/// RDS host names in each partition's shapes (China's two among them), now and then an IP.
+fn random_rds_host(rng: &mut StdRng, region: &str) -> String {
+    if rng.random_bool(0.05) {
         let [a, b, c, d]: [u8; 4] = rng.random();
         format!("{a}.{b}.{c}.{d}")
     } else {
@@ -123,8 +160,15 @@ fn random_host(rng: &mut StdRng, region: &str) -> String {
         } else {
             "amazonaws.com"
         };
-        format!("{name}.{kind}{id}.{region}.rds.{tld}")
-    };
+        if region.starts_with("cn-") && rng.random_bool(0.5) {
+            format!("{name}.{kind}{id}.rds.{region}.{tld}")
+        } else {
+            format!("{name}.{kind}{id}.{region}.rds.{tld}")
+        }
+    }
+}
+
+fn random_case_of_letters(rng: &mut StdRng, host: String) -> String {
     match rng.random_range(0..4) {
         0 => host.to_ascii_uppercase(),
         1 => host
@@ -161,8 +205,25 @@ fn random_user(rng: &mut StdRng) -> String {
         .collect()
 }
 
-fn random_case(rng: &mut StdRng, pool: &[Credentials]) -> Case {
-    let region = *REGIONS.choose(rng).expect("non-empty");
+/// One case in five is an Aurora DSQL token, with DSQL's lifetimes (up to a week).
+fn random_target(rng: &mut StdRng) -> (Target, u64) {
+    let region = (*REGIONS.choose(rng).expect("non-empty")).to_owned();
+    if rng.random_bool(0.2) {
+        let id = random_string(rng, b"abcdefghijklmnopqrstuvwxyz0123456789", 26);
+        let host = random_case_of_letters(rng, format!("{id}.dsql.{region}.on.aws"));
+        let action = *[DsqlAction::DbConnect, DsqlAction::DbConnectAdmin]
+            .choose(rng)
+            .expect("non-empty");
+        let expires_in = *[900, 3600, 604_800, rng.random_range(1..=604_800)]
+            .choose(rng)
+            .expect("non-empty");
+        let key = DsqlKey {
+            host,
+            region,
+            action,
+        };
+        return (Target::Dsql(key), expires_in);
+    }
     let port = match rng.random_range(0..10) {
         0..=2 => 443,
         3..=5 => 5432,
@@ -171,14 +232,27 @@ fn random_case(rng: &mut StdRng, pool: &[Credentials]) -> Case {
             .expect("non-empty"),
         _ => rng.random_range(1..=u16::MAX),
     };
+    let host = random_rds_host(rng, &region);
+    let key = TokenKey {
+        host: random_case_of_letters(rng, host),
+        port,
+        user: random_user(rng),
+        region,
+    };
+    let expires_in = if rng.random_bool(0.3) {
+        900
+    } else {
+        rng.random_range(1..=900)
+    };
+    (Target::Rds(key), expires_in)
+}
+
+fn random_case(rng: &mut StdRng, pool: &[Credentials]) -> Case {
+    let credentials = pool.choose(rng).expect("non-empty pool").clone();
+    let (target, expires_in) = random_target(rng);
     Case {
-        credentials: pool.choose(rng).expect("non-empty pool").clone(),
-        key: TokenKey {
-            host: random_host(rng, region),
-            port,
-            user: random_user(rng),
-            region: region.to_owned(),
-        },
+        credentials,
+        target,
         // 2015-01-01 to 2035-01-01.
         epoch: rng.random_range(1_420_070_400..2_051_222_400),
         subsec_nanos: if rng.random_bool(0.3) {
@@ -186,77 +260,8 @@ fn random_case(rng: &mut StdRng, pool: &[Credentials]) -> Case {
         } else {
             0
         },
-        expires_in: if rng.random_bool(0.3) {
-            900
-        } else {
-            rng.random_range(1..=900)
-        },
+        expires_in,
     }
-}
-
-fn python() -> PathBuf {
-    if let Some(explicit) = std::env::var_os("AWS_PGBOUNCER_PYTHON") {
-        return explicit.into();
-    }
-    let testbed = std::env::var_os("AWS_PGBOUNCER_TESTBED")
-        .unwrap_or_else(|| "/opt/aws-pgbouncer-testbed".into());
-    PathBuf::from(testbed).join("venv/bin/python")
-}
-
-/// Runs the oracle once over every case: botocore's start-up and client creation cost far
-/// more than its minting.
-fn botocore_tokens(cases: &[Case]) -> Vec<String> {
-    let python = python();
-    assert!(
-        python.exists(),
-        "the botocore oracle needs {} (from AWS_PGBOUNCER_PYTHON, or \
-         $AWS_PGBOUNCER_TESTBED/venv/bin/python): run scripts/provision.sh",
-        python.display()
-    );
-    let mut input = tempfile::tempfile().expect("a temp file for the oracle's input");
-    for case in cases {
-        writeln!(input, "{}", case.oracle_input()).expect("write oracle input");
-    }
-    input.rewind().expect("rewind oracle input");
-
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/botocore_mint.py");
-    let mut command = Command::new(&python);
-    // The caller's AWS settings (a profile that does not exist here, say) must not change what
-    // botocore does with the explicit credentials it is given.
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("AWS_") {
-            command.env_remove(name);
-        }
-    }
-    let output = command
-        .arg(script)
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .stdin(Stdio::from(input))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the botocore oracle failed ({}); if botocore is missing, run scripts/provision.sh\n{stderr}",
-        output.status
-    );
-    eprint!("{stderr}");
-    let tokens: Vec<String> = String::from_utf8(output.stdout)
-        .expect("oracle output is UTF-8")
-        .lines()
-        .map(|line| {
-            let answer: Value = serde_json::from_str(line).expect("oracle output is JSON lines");
-            answer["token"]
-                .as_str()
-                .unwrap_or_else(|| panic!("no token in oracle answer {line}"))
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(tokens.len(), cases.len(), "one oracle answer per case");
-    tokens
 }
 
 #[test]
@@ -271,7 +276,8 @@ fn random_inputs_match_botocore_byte_for_byte() {
     let mut rng = StdRng::seed_from_u64(seed);
     let pool = credential_pool(&mut rng);
     let cases: Vec<Case> = (0..CASES).map(|_| random_case(&mut rng, &pool)).collect();
-    let expected = botocore_tokens(&cases);
+    let inputs: Vec<Value> = cases.iter().map(Case::oracle_input).collect();
+    let expected = oracle::botocore_tokens(&inputs);
 
     let mut too_long = 0;
     for (index, (case, botocore)) in cases.iter().zip(&expected).enumerate() {
@@ -282,13 +288,9 @@ fn random_inputs_match_botocore_byte_for_byte() {
                 case.subsec_nanos
             )
         };
-        let token = mint(
-            &case.credentials,
-            &case.key,
-            case.signed_at(),
-            Duration::from_secs(case.expires_in),
-        )
-        .unwrap_or_else(|e| panic!("mint failed ({e}); {}", context()));
+        let token = case
+            .mint()
+            .unwrap_or_else(|e| panic!("mint failed ({e}); {}", context()));
         assert_eq!(
             token.expose(),
             botocore,
@@ -316,16 +318,36 @@ fn random_inputs_match_botocore_byte_for_byte() {
             }
             Err(e) => panic!("unexpected {e}; {}", context()),
         }
+        if !case.host().bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            assert_eq!(
+                region_from_host(case.host()).as_deref(),
+                Some(case.region()),
+                "the region spelled in the host name, {}",
+                context()
+            );
+        }
     }
     let count = |f: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| f(c)).count();
-    let port_443 = count(&|c| c.key.port == 443);
+    let rds =
+        |f: &dyn Fn(&TokenKey) -> bool| count(&|c| matches!(&c.target, Target::Rds(key) if f(key)));
+    let port_443 = rds(&|key| key.port == 443);
+    let non_ascii = rds(&|key| !key.user.is_ascii());
+    let dsql_admin = count(
+        &|c| matches!(&c.target, Target::Dsql(key) if key.action == DsqlAction::DbConnectAdmin),
+    );
+    let dsql = count(&|c| matches!(c.target, Target::Dsql(_)));
+    let over_900 = count(&|c| c.expires_in > 900);
     let with_session_token = count(&|c| c.credentials.session_token().is_some());
-    let mixed_case = count(&|c| c.key.host.bytes().any(|b| b.is_ascii_uppercase()));
-    let non_ascii = count(&|c| !c.key.user.is_ascii());
+    let mixed_case = count(&|c| c.host().bytes().any(|b| b.is_ascii_uppercase()));
+    let china = count(&|c| c.region().starts_with("cn-"));
+    let govcloud = count(&|c| c.region().starts_with("us-gov-"));
     eprintln!(
         "{CASES} cases match botocore: {port_443} on port 443, {with_session_token} with a \
          session token ({too_long} of them over PgBouncer's limit, as botocore's were), \
-         {mixed_case} with upper-case hosts, {non_ascii} with non-ASCII users"
+         {mixed_case} with upper-case hosts, {non_ascii} with non-ASCII users, {china} in \
+         China, {govcloud} in GovCloud, {dsql} for DSQL ({dsql_admin} admin, {over_900} \
+         living over 900 s)"
     );
     assert!(port_443 > 0 && with_session_token > 0 && too_long > 0 && mixed_case > 0);
+    assert!(china > 0 && govcloud > 0 && dsql_admin > 0 && dsql > dsql_admin && over_900 > 0);
 }

@@ -1,12 +1,14 @@
-//! RDS IAM authentication tokens: minting them, and keeping them fresh.
+//! RDS IAM (and Aurora DSQL) authentication tokens: minting them, and keeping them fresh.
 
 mod credentials;
+mod dsql;
 mod region;
 mod signer;
 mod source;
 
 pub use credentials::{CredentialCache, default_chain};
-pub use region::{RegionError, resolve_region};
+pub use dsql::{DsqlAction, DsqlKey, mint_dsql};
+pub use region::{RegionError, region_from_host, resolve_region};
 pub use signer::{MAX_TOKEN_BYTES, MintError, check_pgbouncer_limit, mint};
 pub use source::{FreshToken, KeyHealth, Presenter, TokenError, TokenSource};
 
@@ -14,7 +16,43 @@ use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
 use std::time::SystemTime;
 
-/// What a token is minted for. Two logins that differ in any field need different tokens.
+/// Which service a token logs in to. The kinds sign different URLs for different IAM actions
+/// and live for different lengths of time; tokens of one are worthless to the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum TokenKind {
+    /// RDS and Aurora, also through RDS Proxy: `rds-db:connect`, host, port and user signed.
+    Rds,
+    /// Aurora DSQL: `dsql:DbConnect` (or `DbConnectAdmin`), only the host signed.
+    Dsql,
+}
+
+impl TokenKind {
+    /// The longest X-Amz-Expires the service accepts: RDS 15 minutes, DSQL a week.
+    pub const fn max_expires_in_secs(self) -> u64 {
+        match self {
+            TokenKind::Rds => 900,
+            TokenKind::Dsql => 604_800,
+        }
+    }
+
+    /// The SigV4 service name in the credential scope.
+    pub(crate) const fn signing_name(self) -> &'static str {
+        match self {
+            TokenKind::Rds => "rds-db",
+            TokenKind::Dsql => "dsql",
+        }
+    }
+
+    /// For messages.
+    pub const fn service_name(self) -> &'static str {
+        match self {
+            TokenKind::Rds => "RDS",
+            TokenKind::Dsql => "Aurora DSQL",
+        }
+    }
+}
+
+/// What an RDS token is minted for. Two logins that differ in any field need different tokens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TokenKey {
     pub host: String,

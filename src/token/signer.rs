@@ -1,11 +1,13 @@
-//! Mints RDS IAM tokens that are byte-identical to botocore's `generate_db_auth_token`.
+//! Mints RDS IAM tokens that are byte-identical to botocore's `generate_db_auth_token`, and
+//! the presigning that Aurora DSQL tokens (`dsql.rs`) share with them.
 //!
 //! botocore is the reference because it is what RDS users already trust and what our tests can
 //! run as an oracle; `aws_sdk_rds::auth_token` disagrees with it for some users and hosts.
 //! `aws-sigv4` does the cryptography; this module only feeds it botocore's view of the request
-//! and lays the result out in botocore's order.
+//! and lays the result out in botocore's order. Nothing here depends on the partition (China,
+//! GovCloud): botocore signs every region alike, with the region and service as given.
 
-use super::{AuthToken, TokenKey};
+use super::{AuthToken, TokenKey, TokenKind};
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{
     SignableBody, SignableRequest, SignatureLocation, SigningError, SigningSettings, sign,
@@ -21,9 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// `check_pgbouncer_limit` applies it; `mint` does not, because the relay hands tokens to RDS
 /// itself and has no such limit.
 pub const MAX_TOKEN_BYTES: usize = 2047;
-
-/// RDS refuses tokens whose X-Amz-Expires is above 15 minutes.
-const MAX_EXPIRES_IN_SECS: u64 = 900;
 
 /// botocore's `percent_encode`: everything but RFC 3986's unreserved characters. `aws-sigv4`
 /// re-encodes query values with the same set, so a value encoded here signs as botocore signs it.
@@ -50,10 +49,12 @@ const BOTOCORE_PARAM_ORDER: [&str; 7] = [
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
     #[error(
-        "expires_in must be a whole number of seconds from 1 to {MAX_EXPIRES_IN_SECS} \
-         (RDS's X-Amz-Expires limit), got {0:?}"
+        "expires_in must be a whole number of seconds from 1 to {} ({}'s X-Amz-Expires \
+         limit), got {got:?}",
+        kind.max_expires_in_secs(),
+        kind.service_name()
     )]
-    ExpiresIn(Duration),
+    ExpiresIn { kind: TokenKind, got: Duration },
     #[error("signing time is before 1970, which X-Amz-Date cannot express")]
     BeforeEpoch,
     #[error(
@@ -73,7 +74,7 @@ pub enum MintError {
     Signing(#[source] SigningError),
 }
 
-/// Signs a token for `key` as of `signed_at`, valid for `expires_in`.
+/// Signs an RDS token for `key` as of `signed_at`, valid for `expires_in`.
 ///
 /// The time is a parameter, not read here, so that callers can reason about expiry and tests can
 /// compare against botocore with a frozen clock. `signed_at` is truncated to whole seconds
@@ -84,18 +85,6 @@ pub fn mint(
     signed_at: SystemTime,
     expires_in: Duration,
 ) -> Result<AuthToken, MintError> {
-    if expires_in.subsec_nanos() != 0 || !(1..=MAX_EXPIRES_IN_SECS).contains(&expires_in.as_secs())
-    {
-        return Err(MintError::ExpiresIn(expires_in));
-    }
-    check_host(&key.host)?;
-    check_region(&key.region)?;
-    let since_epoch = signed_at
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| MintError::BeforeEpoch)?;
-    let signed_at = UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs());
-
-    // Shared by the URL we sign and the token we hand out; only the host differs between them.
     let mut path_and_action = String::with_capacity(64 + 3 * key.user.len());
     write!(
         path_and_action,
@@ -104,14 +93,55 @@ pub fn mint(
         utf8_percent_encode(&key.user, UNRESERVED)
     )
     .expect("writing to a String cannot fail");
+    let request = Presign {
+        kind: TokenKind::Rds,
+        host: &key.host,
+        path_and_action: &path_and_action,
+        region: &key.region,
+    };
+    presign(credentials, &request, signed_at, expires_in)
+}
+
+/// What one token signs; the kinds differ only in these.
+pub(super) struct Presign<'a> {
+    pub kind: TokenKind,
+    pub host: &'a str,
+    /// What follows the host, in the URL signed and in the token alike: the port, path and
+    /// action parameters, already percent-encoded as botocore encodes them.
+    pub path_and_action: &'a str,
+    pub region: &'a str,
+}
+
+pub(super) fn presign(
+    credentials: &Credentials,
+    request: &Presign<'_>,
+    signed_at: SystemTime,
+    expires_in: Duration,
+) -> Result<AuthToken, MintError> {
+    let kind = request.kind;
+    if expires_in.subsec_nanos() != 0
+        || !(1..=kind.max_expires_in_secs()).contains(&expires_in.as_secs())
+    {
+        return Err(MintError::ExpiresIn {
+            kind,
+            got: expires_in,
+        });
+    }
+    check_host(request.host)?;
+    check_region(request.region)?;
+    let since_epoch = signed_at
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| MintError::BeforeEpoch)?;
+    let signed_at = UNIX_EPOCH + Duration::from_secs(since_epoch.as_secs());
 
     // botocore signs the host as `urlsplit` reports it: lower-cased, and without the port when
     // it is the scheme's default (443 for the https:// it prefixes). `aws-sigv4` drops a default
     // port too, but keeps the case, so the lower-casing happens here.
-    let mut signed_url = String::with_capacity(8 + key.host.len() + path_and_action.len());
+    let mut signed_url =
+        String::with_capacity(8 + request.host.len() + request.path_and_action.len());
     signed_url.push_str("https://");
-    signed_url.extend(key.host.chars().map(|c| c.to_ascii_lowercase()));
-    signed_url.push_str(&path_and_action);
+    signed_url.extend(request.host.chars().map(|c| c.to_ascii_lowercase()));
+    signed_url.push_str(request.path_and_action);
 
     let identity = Identity::from(credentials.clone());
     let mut settings = SigningSettings::default();
@@ -119,29 +149,29 @@ pub fn mint(
     settings.expires_in = Some(expires_in);
     let params = v4::SigningParams::builder()
         .identity(&identity)
-        .region(&key.region)
-        .name("rds-db")
+        .region(request.region)
+        .name(kind.signing_name())
         .time(signed_at)
         .settings(settings)
         .build()
         .expect("every required signing parameter is set")
         .into();
-    let request =
+    let signable =
         SignableRequest::new("GET", signed_url, std::iter::empty(), SignableBody::empty())
             .map_err(MintError::Signing)?;
-    let (instructions, _signature) = sign(request, &params)
+    let (instructions, _signature) = sign(signable, &params)
         .map_err(MintError::Signing)?
         .into_parts();
     let (_headers, auth_params) = instructions.into_parts();
 
     let mut text = String::with_capacity(
-        key.host.len()
-            + path_and_action.len()
+        request.host.len()
+            + request.path_and_action.len()
             + 300
             + 3 * credentials.session_token().map_or(0, str::len),
     );
-    text.push_str(&key.host);
-    text.push_str(&path_and_action);
+    text.push_str(request.host);
+    text.push_str(request.path_and_action);
     for name in BOTOCORE_PARAM_ORDER {
         if let Some((_, value)) = auth_params.iter().find(|(n, _)| *n == name) {
             write!(text, "&{name}={}", utf8_percent_encode(value, UNRESERVED))
@@ -245,10 +275,10 @@ mod tests {
         ] {
             let err = mint(&creds(None), &key(), at(), bad).unwrap_err();
             assert!(
-                matches!(err, MintError::ExpiresIn(d) if d == bad),
+                matches!(err, MintError::ExpiresIn { kind: TokenKind::Rds, got } if got == bad),
                 "{err:?}"
             );
-            assert!(err.to_string().contains("1 to 900"), "{err}");
+            assert!(err.to_string().contains("1 to 900 (RDS's"), "{err}");
         }
         for good in [1, 60, 900] {
             let token = mint(&creds(None), &key(), at(), Duration::from_secs(good)).unwrap();
