@@ -2,6 +2,7 @@
 //! so that container manifests configure the daemon without a wrapper script.
 
 use crate::config::{Mode, TlsMode};
+use crate::token::{DsqlAction, TokenKind};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -13,7 +14,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print one RDS IAM authentication token, like `aws rds generate-db-auth-token`.
+    /// Print one RDS IAM authentication token, like `aws rds generate-db-auth-token`, or an
+    /// Aurora DSQL one, like `aws dsql generate-db-connect-auth-token`.
     Token(TokenArgs),
     /// Run the daemon: keep PgBouncer supplied with fresh tokens.
     Run(Box<RunArgs>),
@@ -50,20 +52,91 @@ pub struct WaitArgs {
 
 #[derive(Debug, Args)]
 pub struct TokenArgs {
+    /// What the token logs in to.
+    #[arg(long, value_enum, default_value_t = TokenKind::Rds)]
+    pub kind: TokenKind,
     /// The database host name the client connects to (the token is valid for it only).
     #[arg(long, visible_alias = "hostname")]
     pub host: String,
-    #[arg(long, default_value_t = 5432)]
-    pub port: u16,
-    /// The database user: an IAM user (GRANT rds_iam).
+    /// RDS: the database port [default: 5432] (DSQL tokens are not bound to one).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// RDS: the database user, an IAM user (GRANT rds_iam); required for RDS.
     #[arg(long, visible_alias = "username")]
-    pub user: String,
-    /// The region to sign for; else AWS_REGION, the AWS profile, or the RDS host name.
+    pub user: Option<String>,
+    /// DSQL: a token for the `admin` role (DbConnectAdmin) rather than DbConnect.
+    #[arg(long)]
+    pub admin: bool,
+    /// The region to sign for; else AWS_REGION, the AWS profile, or the host name.
     #[arg(long)]
     pub region: Option<String>,
-    /// The token's X-Amz-Expires in seconds.
-    #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..=900))]
+    /// The token's X-Amz-Expires in seconds: up to 900 for RDS, 604800 for DSQL.
+    #[arg(
+        long,
+        default_value_t = 900,
+        value_parser = clap::value_parser!(u64).range(1..=TokenKind::Dsql.max_expires_in_secs())
+    )]
     pub expires_in: u64,
+}
+
+/// The `token` flags that depend on `--kind`, once checked together.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenFor {
+    Rds { port: u16, user: String },
+    Dsql { action: DsqlAction },
+}
+
+impl TokenArgs {
+    /// The flag combinations clap's attributes cannot express, since they depend on the value
+    /// of `--kind`. A wrong one is a usage error (exit 2), like clap's own, rather than a
+    /// flag silently ignored.
+    pub fn checked(&self) -> Result<TokenFor, clap::Error> {
+        let usage = |message: String| {
+            clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, message + "\n")
+        };
+        let max = self.kind.max_expires_in_secs();
+        if self.expires_in > max {
+            return Err(usage(format!(
+                "--expires-in {} is over {}'s limit of {max} seconds",
+                self.expires_in,
+                self.kind.service_name()
+            )));
+        }
+        match self.kind {
+            TokenKind::Rds => {
+                if self.admin {
+                    return Err(usage(
+                        "--admin is for --kind dsql; an RDS token's role is --user".into(),
+                    ));
+                }
+                let user = self.user.clone().ok_or_else(|| {
+                    usage("--kind rds (the default) needs --user (or --username)".into())
+                })?;
+                Ok(TokenFor::Rds {
+                    port: self.port.unwrap_or(5432),
+                    user,
+                })
+            }
+            TokenKind::Dsql => {
+                let unsigned = [
+                    ("--user", self.user.is_some()),
+                    ("--port", self.port.is_some()),
+                ];
+                if let Some((flag, _)) = unsigned.iter().find(|(_, given)| *given) {
+                    return Err(usage(format!(
+                        "{flag} is for --kind rds: Aurora DSQL tokens sign neither user nor \
+                         port (use --admin for the admin role)"
+                    )));
+                }
+                let action = if self.admin {
+                    DsqlAction::DbConnectAdmin
+                } else {
+                    DsqlAction::DbConnect
+                };
+                Ok(TokenFor::Dsql { action })
+            }
+        }
+    }
 }
 
 /// Settings for `run`. Flags win over their environment variables, which win over the config

@@ -1,9 +1,9 @@
 use aws_credential_types::provider::ProvideCredentials;
-use aws_pgbouncer::cli::{Cli, Command, TokenArgs};
+use aws_pgbouncer::cli::{Cli, Command, TokenArgs, TokenFor};
 use aws_pgbouncer::config::Settings;
 use aws_pgbouncer::daemon::Outcome;
 use aws_pgbouncer::error_text::one_line;
-use aws_pgbouncer::token::{self, TokenKey};
+use aws_pgbouncer::token::{self, DsqlKey, TokenKey};
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -53,6 +53,7 @@ async fn main() -> ExitCode {
 }
 
 async fn print_token(args: TokenArgs) -> Result<(), String> {
+    let token_for = args.checked().unwrap_or_else(|usage| usage.exit());
     let region = token::resolve_region(args.region.as_deref(), &args.host)
         .await
         .map_err(|error| error.to_string())?;
@@ -61,21 +62,30 @@ async fn print_token(args: TokenArgs) -> Result<(), String> {
         .provide_credentials()
         .await
         .map_err(|error| format!("could not get AWS credentials: {}", one_line(&error)))?;
-    let key = TokenKey {
-        host: args.host,
-        port: args.port,
-        user: args.user,
-        region,
+    let (now, expires_in) = (SystemTime::now(), Duration::from_secs(args.expires_in));
+    let minted = match token_for {
+        TokenFor::Rds { port, user } => {
+            let key = TokenKey {
+                host: args.host,
+                port,
+                user,
+                region,
+            };
+            token::mint(&credentials, &key, now, expires_in)
+        }
+        TokenFor::Dsql { action } => {
+            let key = DsqlKey {
+                host: args.host,
+                region,
+                action,
+            };
+            token::mint_dsql(&credentials, &key, now, expires_in)
+        }
     };
     // Printed tokens usually end up in a PgBouncer file, so they get PgBouncer's limit.
-    let minted = token::mint(
-        &credentials,
-        &key,
-        SystemTime::now(),
-        Duration::from_secs(args.expires_in),
-    )
-    .and_then(|minted| token::check_pgbouncer_limit(&minted, &credentials).map(|()| minted))
-    .map_err(|error| error.to_string())?;
+    let minted = minted
+        .and_then(|minted| token::check_pgbouncer_limit(&minted, &credentials).map(|()| minted))
+        .map_err(|error| error.to_string())?;
     println!("{}", minted.expose());
     Ok(())
 }

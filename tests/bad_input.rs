@@ -211,7 +211,7 @@ fn bad_flags_are_usage_errors() {
             &[],
         ),
         2,
-        "901 is not in 1..=900",
+        "--expires-in 901 is over RDS's limit of 900 seconds",
     );
     assert_refused(&run(&["token", "--host", "h"], &[]), 2, "--user");
 }

@@ -1,6 +1,7 @@
 //! The README's reference table is the CLI's and the config file's: every `run` flag, its
 //! environment variable and its TOML key are documented, nothing documented is missing from
-//! the CLI or the config file, and the modes a flag applies to are named alike in both.
+//! the CLI or the config file, and the modes a flag applies to are named alike in both; the
+//! same for the `token` command's flags.
 
 mod support;
 
@@ -173,6 +174,38 @@ fn the_readme_toml_keys_are_the_config_files() {
         in_readme.is_subset(&per_database),
         "README's [[databases]] keys {in_readme:?} vs the config file's {per_database:?}"
     );
+}
+
+#[test]
+fn the_readme_documents_every_token_flag_and_nothing_else() {
+    let output = command(None).args(["token", "--help"]).output().unwrap();
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    let cli: BTreeSet<String> = cli_flags(&help).into_keys().collect();
+    let readme = std::fs::read_to_string(support::repo_root().join("README.md")).unwrap();
+    let table = readme
+        .split("| `token` flag | default | meaning |")
+        .nth(1)
+        .expect("README has the token flags' table");
+    let documented: BTreeSet<String> = table
+        .lines()
+        .skip(2)
+        .map(str::trim)
+        .take_while(|line| line.starts_with('|'))
+        .map(|row| {
+            row.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        cli.len() >= 6,
+        "parsing token --help found too little: {cli:?}"
+    );
+    assert_eq!(documented, cli, "README's token flags vs `token --help`");
 }
 
 #[test]
