@@ -4,7 +4,9 @@
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
-use aws_pgbouncer::token::{CredentialCache, Presenter, TokenKey, TokenSource, mint};
+use aws_pgbouncer::token::{
+    CredentialCache, DsqlAction, DsqlKey, Presenter, TokenKey, TokenSource, mint, mint_dsql,
+};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime};
@@ -51,6 +53,24 @@ fn bench_mint(c: &mut Criterion) {
             })
         });
     }
+    // DSQL signs less (no port, no user) through the same presigning as RDS.
+    let dsql = DsqlKey {
+        host: "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws".into(),
+        region: "us-east-1".into(),
+        action: DsqlAction::DbConnect,
+    };
+    let credentials = credentials(true);
+    group.bench_function("dsql_with_session_token", |b| {
+        b.iter(|| {
+            mint_dsql(
+                black_box(&credentials),
+                black_box(&dsql),
+                SystemTime::now(),
+                Duration::from_secs(900),
+            )
+            .expect("the benchmark token is minted")
+        })
+    });
     group.finish();
 }
 

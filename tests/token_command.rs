@@ -84,7 +84,10 @@ fn the_token_command_prints_botocores_token() {
         (
             vec!["--host", china_new, "--user", "app_user"],
             "cn-north-1",
-            json!({"kind": "rds", "host": china_new, "port": 5432, "user": "app_user", "expires_in": 900}),
+            json!({
+                "kind": "rds", "host": china_new, "port": 5432, "user": "app_user",
+                "expires_in": 900,
+            }),
         ),
         (
             vec!["--hostname", china_old, "--username", "u", "--port", "443"],
@@ -101,7 +104,10 @@ fn the_token_command_prints_botocores_token() {
                 "60",
             ],
             "us-gov-east-1",
-            json!({"kind": "rds", "host": gov_proxy, "port": 5432, "user": "app_user", "expires_in": 60}),
+            json!({
+                "kind": "rds", "host": gov_proxy, "port": 5432, "user": "app_user",
+                "expires_in": 60,
+            }),
         ),
         (
             vec!["--kind", "dsql", "--hostname", dsql],

@@ -50,6 +50,7 @@ const HOST_SHAPES: &[&[&str]] = &[
     // Aurora DSQL in every partition.
     &["dsql", REGION, "on", "aws"],
 ];
+/// Marks the region's label in `HOST_SHAPES`.
 const REGION: &str = "";
 
 /// The region an RDS, RDS Proxy or Aurora DSQL host name spells, e.g.

@@ -50,11 +50,14 @@ const BOTOCORE_PARAM_ORDER: [&str; 7] = [
 pub enum MintError {
     #[error(
         "expires_in must be a whole number of seconds from 1 to {} ({}'s X-Amz-Expires \
-         limit), got {got:?}",
+         limit), got {expires_in:?}",
         kind.max_expires_in_secs(),
         kind.service_name()
     )]
-    ExpiresIn { kind: TokenKind, got: Duration },
+    ExpiresIn {
+        kind: TokenKind,
+        expires_in: Duration,
+    },
     #[error("signing time is before 1970, which X-Amz-Date cannot express")]
     BeforeEpoch,
     #[error(
@@ -112,6 +115,7 @@ pub(super) struct Presign<'a> {
     pub region: &'a str,
 }
 
+/// Checks, signs and lays out one token as botocore does; see `mint` about the time.
 pub(super) fn presign(
     credentials: &Credentials,
     request: &Presign<'_>,
@@ -122,10 +126,7 @@ pub(super) fn presign(
     if expires_in.subsec_nanos() != 0
         || !(1..=kind.max_expires_in_secs()).contains(&expires_in.as_secs())
     {
-        return Err(MintError::ExpiresIn {
-            kind,
-            got: expires_in,
-        });
+        return Err(MintError::ExpiresIn { kind, expires_in });
     }
     check_host(request.host)?;
     check_region(request.region)?;
@@ -275,7 +276,7 @@ mod tests {
         ] {
             let err = mint(&creds(None), &key(), at(), bad).unwrap_err();
             assert!(
-                matches!(err, MintError::ExpiresIn { kind: TokenKind::Rds, got } if got == bad),
+                matches!(err, MintError::ExpiresIn { expires_in, .. } if expires_in == bad),
                 "{err:?}"
             );
             assert!(err.to_string().contains("1 to 900 (RDS's"), "{err}");
