@@ -25,9 +25,13 @@ fn akid_of(fresh: &FreshToken) -> String {
 }
 
 async fn new_source() -> Arc<TokenSource> {
+    source_with_lifetime(LIFETIME).await
+}
+
+async fn source_with_lifetime(lifetime: Duration) -> Arc<TokenSource> {
     TokenSource::new(
-        CredentialCache::new(default_chain("us-east-1").await, LIFETIME),
-        LIFETIME,
+        CredentialCache::new(default_chain("us-east-1").await, lifetime),
+        lifetime,
         Presenter::PgBouncer,
     )
 }
@@ -80,6 +84,11 @@ fn tokens_follow_rotating_short_lived_credentials_and_survive_an_outage() {
         tokens_carry_each_new_key(&standin).await;
         the_last_token_is_served_through_an_outage(&standin, &server).await;
     });
+    // A runtime of its own, so that the tasks alive on it are this source's alone.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(one_refresher_per_key_through_repeated_outages(
+        &standin, &server,
+    ));
 }
 
 async fn one_mint_for_many_waiting_callers(standin: &Standin, server: &CredentialServer) {
@@ -199,4 +208,47 @@ async fn the_last_token_is_served_through_an_outage(standin: &Standin, server: &
     let recovered = source.token(&key).await.expect("token after recovery");
     assert_ne!(akid_of(&recovered), akid_of(&first));
     assert_accepted(standin, "second_user", &recovered);
+}
+
+/// Each outage that outlives the token (it is evicted at its stale point) used to leave one
+/// more refresh task for the key behind: the first mint after it put a new cache entry, and
+/// every new entry got a task. Counted as the tasks alive on a runtime of the test's own.
+async fn one_refresher_per_key_through_repeated_outages(
+    standin: &Standin,
+    server: &CredentialServer,
+) {
+    let lifetime = Duration::from_secs(4);
+    let source = source_with_lifetime(lifetime).await;
+    let key = key(standin, "reporter");
+    source.token(&key).await.expect("token");
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let health = || source.health()[0].1.clone();
+    // The key's refresh task, and perhaps a credential fetch's connection on its way out.
+    let one_key = tasks();
+    for outage in 1..=3 {
+        server.set_failing(true);
+        // The credentials held run out too, so the refreshes fail and the token dies.
+        assert!(
+            wait_until(Duration::from_secs(15), || {
+                let health = health();
+                health.consecutive_failures > 0 && !health.has_usable_token(lifetime)
+            }),
+            "the token outlived outage {outage}"
+        );
+        server.set_failing(false);
+        assert!(
+            wait_until(Duration::from_secs(10), || health()
+                .has_usable_token(lifetime)),
+            "no token after outage {outage}"
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || tasks() <= one_key),
+            "after outage {outage}, {} tasks run where one key had {one_key}",
+            tasks()
+        );
+    }
 }

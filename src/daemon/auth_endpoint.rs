@@ -16,8 +16,8 @@ use crate::token::{TokenKey, TokenSource};
 use secrecy::SecretString;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Instant;
 
 const AUTH_SECRET_FILE: &str = "auth-secret";
 
@@ -43,7 +43,6 @@ pub(super) struct AuthEndpoint {
     secret: SecretString,
     address: LocalAddress,
     keys: Vec<TokenKey>,
-    lookup: Arc<SourceLookup>,
 }
 
 impl AuthEndpoint {
@@ -73,12 +72,7 @@ impl AuthEndpoint {
             tls,
             metrics: Some(start.metrics.clone()),
         });
-        tokio::spawn(crate::endpoint::serve(
-            listener,
-            config,
-            lookup.clone(),
-            stopped,
-        ));
+        tokio::spawn(crate::endpoint::serve(listener, config, lookup, stopped));
         tracing::info!(listen = ?address.listen, "auth endpoint listening");
 
         let keys: Vec<TokenKey> = start
@@ -99,7 +93,6 @@ impl AuthEndpoint {
             secret,
             address,
             keys,
-            lookup,
         })
     }
 
@@ -131,10 +124,6 @@ impl AuthEndpoint {
         for key in &self.keys {
             let _ = source.refresh_now(key).await;
         }
-    }
-
-    pub fn credentials_expiry(&self) -> Option<SystemTime> {
-        *self.lookup.credentials_expiry.lock().expect("lookup lock")
     }
 }
 
@@ -184,7 +173,6 @@ struct SourceLookup {
     answer: Answer,
     source: Arc<TokenSource>,
     metrics: Arc<Metrics>,
-    credentials_expiry: Mutex<Option<SystemTime>>,
 }
 
 impl SourceLookup {
@@ -202,7 +190,6 @@ impl SourceLookup {
             answer,
             source,
             metrics,
-            credentials_expiry: Mutex::new(None),
         }
     }
 }
@@ -227,7 +214,6 @@ impl TokenLookup for SourceLookup {
         }
         match self.source.token(&entry.key_for(user)).await {
             Ok(fresh) => {
-                *self.credentials_expiry.lock().expect("lookup lock") = fresh.credentials_expiry;
                 self.metrics
                     .auth_query_answered(AuthQueryResult::Token, started.elapsed());
                 Lookup::Token(SecretString::from(fresh.token.expose().to_owned()))

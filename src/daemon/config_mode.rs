@@ -9,12 +9,11 @@ use crate::backoff;
 use crate::config::Database;
 use crate::pgbouncer::files::write_atomically;
 use crate::pgbouncer::render::{self, DATABASES_INI};
-use crate::token::{AuthToken, FreshToken, TokenSource};
+use crate::token::{AuthToken, Changed, FreshToken, TokenSource};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 pub struct ConfigMode {
     dir: PathBuf,
@@ -55,10 +54,14 @@ impl ConfigMode {
         })
     }
 
-    /// Rewrites `databases.ini` if any token changed; true when PgBouncer should reload.
-    /// A failed write leaves the old file intact and is retried at the next refresh.
-    pub async fn on_new_tokens(&mut self, source: &Arc<TokenSource>) -> bool {
-        self.tokens.fill(source, &self.databases).await;
+    /// Takes the `changed` keys' new tokens and rewrites `databases.ini` if any differs; true
+    /// when PgBouncer should reload. A failed write leaves the old file intact and is retried
+    /// at the next refresh.
+    pub async fn on_new_tokens(&mut self, source: &Arc<TokenSource>, changed: &Changed) -> bool {
+        let databases = self.databases.iter();
+        self.tokens
+            .fill(source, databases.filter(|db| changed.contains(&db.target)))
+            .await;
         let fresh = self.tokens.render(&self.databases);
         if fresh.expose_secret() == self.written.expose_secret() {
             return false;
@@ -82,15 +85,6 @@ impl ConfigMode {
             let _ = source.refresh_now(&database.target).await;
         }
     }
-
-    /// The earliest expiry of the credentials behind the tokens in use, for metrics.
-    pub fn credentials_expiry(&self) -> Option<SystemTime> {
-        self.tokens
-            .by_database
-            .values()
-            .filter_map(|fresh| fresh.credentials_expiry)
-            .min()
-    }
 }
 
 /// The token each database entry currently carries. A database whose refresh fails keeps its
@@ -101,14 +95,22 @@ struct TokenTable {
 }
 
 impl TokenTable {
-    /// Asks the source for every database's token; true when every database has one.
-    async fn fill(&mut self, source: &Arc<TokenSource>, databases: &[Database]) -> bool {
+    /// Asks the source for each of `databases`' tokens; true when each got one.
+    async fn fill<'a>(
+        &mut self,
+        source: &Arc<TokenSource>,
+        databases: impl IntoIterator<Item = &'a Database>,
+    ) -> bool {
+        let mut all = true;
         for database in databases {
-            if let Ok(fresh) = source.token(&database.target).await {
-                self.by_database.insert(database.name.clone(), fresh);
+            match source.token(&database.target).await {
+                Ok(fresh) => {
+                    self.by_database.insert(database.name.clone(), fresh);
+                }
+                Err(_) => all = false,
             }
         }
-        self.by_database.len() == databases.len()
+        all
     }
 
     fn render(&self, databases: &[Database]) -> SecretString {

@@ -9,6 +9,7 @@ mod auth_query_mode;
 mod config_mode;
 mod logging;
 mod passthrough_mode;
+mod pool_refresher;
 mod relay_tokens;
 mod reloader;
 mod running_mode;
@@ -126,7 +127,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         stopped(),
     ));
 
-    let mut generations = source.subscribe();
+    let mut token_events = source.subscribe();
     let start = Start {
         settings: &settings,
         dir: &dir,
@@ -139,7 +140,6 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         mode = starting => mode?,
         stop = signals.next_stop() => return Ok(stop.outcome(lifecycle)),
     };
-    metrics.set_credentials_expiry(mode.credentials_expiry());
 
     let reloader = Reloader::spawn(
         AdminConsole::new(
@@ -168,14 +168,13 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
             }
         };
         tokio::select! {
-            changed = generations.changed() => {
-                if changed.is_err() {
+            changed = token_events.next() => {
+                let Some(changed) = changed else {
                     return Err("the token source stopped".into());
-                }
-                if mode.on_new_tokens(&source).await {
+                };
+                if mode.on_new_tokens(&source, &changed).await {
                     reloader.request();
                 }
-                metrics.set_credentials_expiry(mode.credentials_expiry());
             }
             received = signals.next() => match received {
                 Received::Stop(stop) => match &stopping {

@@ -13,7 +13,6 @@ use crate::token::TokenSource;
 use secrecy::SecretString;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 const RELAY_SECRET_FILE: &str = "relay-secret";
 
@@ -85,10 +84,6 @@ impl PassthroughMode {
     /// Mints every allowed user's token afresh (SIGHUP).
     pub async fn refresh_now(&self, source: &Arc<TokenSource>) {
         self.endpoint.refresh_now(source).await;
-    }
-
-    pub fn credentials_expiry(&self) -> Option<SystemTime> {
-        self.endpoint.credentials_expiry()
     }
 }
 

@@ -1,5 +1,5 @@
 //! The one interface the daemon's loop sees of a mode: start it, hand it new tokens, make it
-//! mint afresh, ask for the credentials' expiry. Each mode lives in its own file.
+//! mint afresh. Each mode lives in its own file.
 
 use super::auth_endpoint::is_tcp;
 use super::auth_query_mode::AuthQueryMode;
@@ -7,11 +7,10 @@ use super::config_mode::ConfigMode;
 use super::passthrough_mode::PassthroughMode;
 use crate::config::{ModeSettings, Settings, TlsMode};
 use crate::metrics::Metrics;
-use crate::token::{Presenter, TokenSource};
+use crate::token::{Changed, Presenter, TokenSource};
 use secrecy::SecretString;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 pub(super) enum RunningMode {
     Config(ConfigMode),
@@ -48,11 +47,13 @@ impl RunningMode {
         })
     }
 
-    /// Hands new tokens to PgBouncer; true when PgBouncer must reload to see them.
-    pub async fn on_new_tokens(&mut self, source: &Arc<TokenSource>) -> bool {
+    /// Hands the `changed` keys' new tokens to PgBouncer; true when PgBouncer must reload to
+    /// see them.
+    pub async fn on_new_tokens(&mut self, source: &Arc<TokenSource>, changed: &Changed) -> bool {
         match self {
-            Self::Config(mode) => mode.on_new_tokens(source).await,
-            Self::AuthQuery(mode) => mode.on_new_tokens(),
+            Self::Config(mode) => mode.on_new_tokens(source, changed).await,
+            // Auth-query mode's pool refresher follows the token events itself.
+            Self::AuthQuery(_) => false,
             // The relay mints per login; PgBouncer holds nothing that goes stale.
             Self::Passthrough(_) => false,
         }
@@ -64,15 +65,6 @@ impl RunningMode {
             Self::Config(mode) => mode.refresh_now(source).await,
             Self::AuthQuery(mode) => mode.refresh_now(source).await,
             Self::Passthrough(mode) => mode.refresh_now(source).await,
-        }
-    }
-
-    /// The earliest expiry of the credentials behind the tokens in use, for metrics.
-    pub fn credentials_expiry(&self) -> Option<SystemTime> {
-        match self {
-            Self::Config(mode) => mode.credentials_expiry(),
-            Self::AuthQuery(mode) => mode.credentials_expiry(),
-            Self::Passthrough(mode) => mode.credentials_expiry(),
         }
     }
 }

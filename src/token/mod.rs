@@ -2,15 +2,19 @@
 
 mod credentials;
 mod dsql;
+mod events;
+mod health;
 mod region;
 mod signer;
 mod source;
 
 pub use credentials::{CredentialCache, default_chain};
 pub use dsql::{DsqlAction, DsqlKey, mint_dsql};
+pub use events::{Changed, KeyEvents};
+pub use health::{KeyHealth, TokenError};
 pub use region::{RegionError, region_from_host, resolve_region};
 pub use signer::{MAX_TOKEN_BYTES, MintError, check_pgbouncer_limit, mint};
-pub use source::{FreshToken, KeyHealth, Presenter, TokenError, TokenSource};
+pub use source::{FreshToken, Presenter, TokenSource};
 
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;

@@ -1,23 +1,26 @@
 //! The token source the rest of the daemon asks for tokens.
 //!
-//! Callers get a token from a moka cache in well under a microsecond. Each key that has been
-//! asked for once gets a background task that mints its successor well before the current
-//! token dies, so callers almost never wait for a mint. When minting fails (say the credential
-//! source is down), the current token keeps being served until it is about to die, the
-//! failure is recorded for readiness and metrics, and the refresh is retried with back-off.
+//! Callers get a token from a moka cache in well under a microsecond. The first request for a
+//! key registers it, and registration is the one place that starts the key's refresh task,
+//! which mints each successor well before the current token dies, so callers almost never
+//! wait for a mint. The tasks live as long as the source. When minting fails (say the
+//! credential source is down), the current token keeps being served until it is about to
+//! die, the failure is recorded for readiness and metrics, and the refresh is retried with
+//! back-off. Each new token is announced with its key (`subscribe`).
 
 use super::credentials::{CredentialCache, minimum_life};
-use super::{AuthToken, MintError, TokenKey, check_pgbouncer_limit, mint};
-use crate::error_text::one_line;
-use aws_credential_types::provider::error::CredentialsError;
+use super::events::{BACKLOG, KeyEvents};
+use super::health::{KeyHealth, TokenError};
+use super::{AuthToken, TokenKey, check_pgbouncer_limit, mint};
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
 use rand::RngExt;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::watch;
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Renewal {
@@ -57,76 +60,22 @@ impl FreshToken {
     }
 }
 
-/// Why a token could not be had. The text never contains a secret: credential errors come from
-/// the AWS SDK, whose errors name the failing source, not the keys.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum TokenError {
-    #[error("could not get AWS credentials: {message}")]
-    Credentials {
-        cause: &'static str,
-        message: String,
-    },
-    #[error("{0}")]
-    Mint(Arc<MintError>),
-}
-
-impl TokenError {
-    /// A short, stable label for metrics and readiness output.
-    pub fn cause(&self) -> &'static str {
-        match self {
-            TokenError::Credentials { cause, .. } => cause,
-            TokenError::Mint(error) => match error.as_ref() {
-                MintError::TooLong { .. } => "token_too_long",
-                _ => "mint",
-            },
-        }
-    }
-}
-
-impl From<CredentialsError> for TokenError {
-    fn from(error: CredentialsError) -> Self {
-        let cause = match &error {
-            CredentialsError::CredentialsNotLoaded(_) => "credentials_not_loaded",
-            CredentialsError::ProviderTimedOut(_) => "credentials_timeout",
-            CredentialsError::InvalidConfiguration(_) => "credentials_invalid_configuration",
-            CredentialsError::ProviderError(_) => "credentials_provider_error",
-            _ => "credentials_unhandled",
-        };
-        TokenError::Credentials {
-            cause,
-            message: one_line(&error),
-        }
-    }
-}
-
-/// What readiness and metrics need to know about one key.
-#[derive(Debug, Clone, Default)]
-pub struct KeyHealth {
-    /// `usable_until` of the token being served, if any.
-    pub usable_until: Option<SystemTime>,
-    pub signed_at: Option<SystemTime>,
-    pub successes: u64,
-    pub failures_by_cause: BTreeMap<&'static str, u64>,
-    pub consecutive_failures: u32,
-    pub last_error: Option<TokenError>,
-}
-
-impl KeyHealth {
-    /// True while a token that is not about to die is available.
-    pub fn has_usable_token(&self, lifetime: Duration) -> bool {
-        self.usable_until
-            .is_some_and(|until| until >= SystemTime::now() + minimum_life(lifetime))
-    }
-}
-
 pub struct TokenSource {
     credentials: CredentialCache,
     lifetime: Duration,
     presenter: Presenter,
     cache: Cache<TokenKey, Arc<FreshToken>>,
-    health: Mutex<HashMap<TokenKey, KeyHealth>>,
-    /// Bumped whenever any key gets a new token, so that config mode knows to rewrite.
-    generation: watch::Sender<u64>,
+    registered: Mutex<Registered>,
+    /// Each key that gets a new token.
+    events: broadcast::Sender<TokenKey>,
+}
+
+/// The keys asked for so far. A key enters once, with its refresh task; aborted when the
+/// source drops, the tasks cannot outlive it.
+#[derive(Default)]
+struct Registered {
+    health: HashMap<TokenKey, KeyHealth>,
+    refreshers: JoinSet<()>,
 }
 
 impl TokenSource {
@@ -142,8 +91,8 @@ impl TokenSource {
             lifetime,
             presenter,
             cache,
-            health: Mutex::new(HashMap::new()),
-            generation: watch::Sender::new(0),
+            registered: Mutex::default(),
+            events: broadcast::Sender::new(BACKLOG),
         })
     }
 
@@ -157,7 +106,21 @@ impl TokenSource {
         if let Some(fresh) = self.cache.get(key).await {
             return Ok(fresh);
         }
+        self.register(key);
         self.renew(key, Renewal::WhenDue).await
+    }
+
+    /// Starts `key`'s refresh task unless the key has one. Cache entries come and go (one
+    /// is evicted whenever an outage outlives its token); the registration stays.
+    fn register(self: &Arc<Self>, key: &TokenKey) {
+        let mut registered = self.registered.lock().expect("registry lock poisoned");
+        if registered.health.contains_key(key) {
+            return;
+        }
+        registered.health.insert(key.clone(), KeyHealth::default());
+        registered
+            .refreshers
+            .spawn(refresh_forever(Arc::downgrade(self), key.clone()));
     }
 
     /// Mints a new token for `key` now, even if the one held is still fresh: for SIGHUP, and
@@ -166,12 +129,12 @@ impl TokenSource {
         self: &Arc<Self>,
         key: &TokenKey,
     ) -> Result<Arc<FreshToken>, TokenError> {
+        self.register(key);
         self.renew(key, Renewal::Now).await
     }
 
-    /// Mints a new token for `key` unless `when` says the one held may stay, and ensures a
-    /// refresh task runs for the key. moka serialises computations per key, so concurrent
-    /// callers share one mint.
+    /// Mints a new token for `key` unless `when` says the one held may stay. moka serialises
+    /// computations per key, so concurrent callers share one mint.
     async fn renew(
         self: &Arc<Self>,
         key: &TokenKey,
@@ -196,12 +159,7 @@ impl TokenSource {
             })
             .await;
         match outcome {
-            Ok(CompResult::Inserted(entry)) => {
-                self.record_success(key, entry.value());
-                self.spawn_refresher(key.clone());
-                Ok(entry.into_value())
-            }
-            Ok(CompResult::ReplacedWith(entry)) => {
+            Ok(CompResult::Inserted(entry) | CompResult::ReplacedWith(entry)) => {
                 self.record_success(key, entry.value());
                 Ok(entry.into_value())
             }
@@ -235,44 +193,39 @@ impl TokenSource {
         ))
     }
 
-    fn spawn_refresher(self: &Arc<Self>, key: TokenKey) {
-        let source = Arc::downgrade(self);
-        tokio::spawn(refresh_forever(source, key));
-    }
-
     fn record_success(&self, key: &TokenKey, fresh: &FreshToken) {
-        let mut health = self.health.lock().expect("health lock poisoned");
-        let entry = health.entry(key.clone()).or_default();
-        entry.usable_until = Some(fresh.usable_until);
-        entry.signed_at = Some(fresh.token.signed_at);
-        entry.successes += 1;
-        entry.consecutive_failures = 0;
-        entry.last_error = None;
-        drop(health);
-        self.generation.send_modify(|generation| *generation += 1);
+        self.update_health(key, |health| health.record_success(fresh));
+        // No subscriber yet (start-up) is fine: consumers read the tokens they start with.
+        let _ = self.events.send(key.clone());
         tracing::info!(target_key = %key, refresh_in_secs = secs_until(fresh.refresh_at), valid_for_secs = secs_until(fresh.usable_until), "minted a new token");
     }
 
     fn record_failure(&self, key: &TokenKey, error: &TokenError) {
-        let mut health = self.health.lock().expect("health lock poisoned");
-        let entry = health.entry(key.clone()).or_default();
-        *entry.failures_by_cause.entry(error.cause()).or_default() += 1;
-        entry.consecutive_failures += 1;
-        entry.last_error = Some(error.clone());
-        let still_serving = entry.has_usable_token(self.lifetime);
-        drop(health);
+        let still_serving = self.update_health(key, |health| {
+            health.record_failure(error);
+            health.has_usable_token(self.lifetime)
+        });
         tracing::warn!(target_key = %key, cause = error.cause(), %error, still_serving, "token refresh failed");
+    }
+
+    fn update_health<T>(&self, key: &TokenKey, update: impl FnOnce(&mut KeyHealth) -> T) -> T {
+        let mut registered = self.registered.lock().expect("registry lock poisoned");
+        update(registered.health.entry(key.clone()).or_default())
     }
 
     /// A snapshot of every key's health, for readiness and metrics.
     pub fn health(&self) -> Vec<(TokenKey, KeyHealth)> {
-        let health = self.health.lock().expect("health lock poisoned");
-        health.iter().map(|(k, h)| (k.clone(), h.clone())).collect()
+        let registered = self.registered.lock().expect("registry lock poisoned");
+        registered
+            .health
+            .iter()
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect()
     }
 
-    /// A receiver that changes whenever any key gets a new token.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+    /// The keys that get new tokens from now on.
+    pub fn subscribe(&self) -> KeyEvents {
+        KeyEvents::new(self.events.subscribe())
     }
 }
 
@@ -297,8 +250,8 @@ fn schedule(
     }
 }
 
-/// Mints each successor at its refresh point; after a failure, retries with back-off. Ends
-/// when the source is dropped.
+/// Mints each successor at its refresh point; after a failure, retries with back-off. The one
+/// task of its key (see `TokenSource::register`); ends when the source is dropped.
 async fn refresh_forever(source: Weak<TokenSource>, key: TokenKey) {
     let mut failures: u32 = 0;
     loop {
