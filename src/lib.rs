@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod pgbouncer;
 pub mod relay;
 pub mod shutdown;
+pub mod startup_pages;
 pub mod token;
 pub mod wait;
 pub mod wire;

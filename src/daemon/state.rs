@@ -32,6 +32,10 @@ impl DaemonState {
     pub fn mark_started(&self) {
         if !self.started.swap(true, Ordering::Relaxed) {
             tracing::info!("started: PgBouncer has the first tokens");
+            match crate::startup_pages::release() {
+                Ok(bytes) => tracing::debug!(bytes, "start-up code pages released"),
+                Err(error) => tracing::debug!(%error, "cannot release start-up code pages"),
+            }
         }
     }
 
