@@ -95,8 +95,16 @@ async fn dynamic_users_through_a_unix_socket_endpoint() {
             "aws_pgbouncer_endpoint_connections_total{{outcome=\"{name}\"}}"
         ))
     };
-    let counted = || outcome("completed") + outcome("refused") + outcome("failed");
-    let counted_before = counted();
+    // PgBouncer closes its own auth connection after the refused login: once it has, every
+    // connection the endpoint counts from here on is this test's.
+    let open_now = || value("aws_pgbouncer_endpoint_connections ");
+    assert!(
+        support::wait_until(Duration::from_secs(5), || open_now() == 0.0),
+        "PgBouncer's auth connection still open: {}",
+        open_now()
+    );
+    let outcomes = || ["completed", "refused", "failed"].map(outcome);
+    let before = outcomes();
 
     // The endpoint itself admits PgBouncer's auth user only, with its password.
     let auth_secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("auth-secret")).unwrap();
@@ -114,13 +122,24 @@ async fn dynamic_users_through_a_unix_socket_endpoint() {
             config
                 .connect(NoTls)
                 .await
-                .map(drop)
+                .map(|(client, connection)| {
+                    tokio::spawn(connection);
+                    client
+                })
                 .map_err(|e| describe(&e))
         }
     };
-    endpoint_login("aws_pgbouncer_auth", Some(auth_secret.trim()))
+    let session = endpoint_login("aws_pgbouncer_auth", Some(auth_secret.trim()))
         .await
         .expect("PgBouncer's auth user gets in");
+    // While it is open, it counts as open; once closed, as completed.
+    assert_eq!(open_now(), 1.0);
+    drop(session);
+    assert!(
+        support::wait_until(Duration::from_secs(5), || open_now() == 0.0),
+        "still counted as open: {}",
+        open_now()
+    );
     // Without a password the server's SCRAM request cannot even be answered.
     assert!(endpoint_login("aws_pgbouncer_auth", None).await.is_err());
     for (user, password) in [
@@ -135,14 +154,17 @@ async fn dynamic_users_through_a_unix_socket_endpoint() {
             "{user}: {error}"
         );
     }
-    // Each of those four connections shows in the metrics, once. (Today the endpoint counts
-    // a refused login as "completed": the outcome cannot tell them apart yet.)
+    // Each of those four connections shows in the metrics, once, by how it ended: the two
+    // wrong logins refused, the one without a password (which the client broke off) failed.
+    let want = [before[0] + 1.0, before[1] + 2.0, before[2] + 1.0];
+    let counted = |outcomes: [f64; 3]| outcomes.iter().sum::<f64>();
     assert!(
-        support::wait_until(Duration::from_secs(5), || counted() >= counted_before + 4.0),
-        "endpoint connections counted: {counted_before} -> {}",
-        counted()
+        support::wait_until(Duration::from_secs(5), || counted(outcomes())
+            >= counted(want)),
+        "endpoint connections counted: {before:?} -> {:?}",
+        outcomes()
     );
-    assert_eq!(counted(), counted_before + 4.0);
+    assert_eq!(outcomes(), want);
 }
 
 /// The hard part: a client that logged in once and stays connected for more than three token

@@ -78,6 +78,7 @@ pub fn fuzz_session(data: &[u8]) {
                 peer_uid: None,
                 shutdown: CancellationToken::new(),
                 pre_auth: PreAuth::detached(),
+                counted: None,
             };
             let max_message = shared.config.limits.max_message_bytes;
             startup::run(&**shared, server, None, max_message, handshake).await;

@@ -4,7 +4,7 @@
 
 use super::queries::Queries;
 use super::{EndpointConfig, TokenLookup};
-use crate::metrics::OpenConnection;
+use crate::metrics::{ConnectionOutcome, OpenConnection};
 use crate::wire::conn::{Conn, End};
 use crate::wire::sasl::scram_exchange;
 use crate::wire::scram::ScramSecret;
@@ -42,23 +42,28 @@ impl<L: TokenLookup> Protocol for Shared<L> {
         &self,
         mut conn: Conn<S>,
         first: First,
-        handshake: Handshake,
+        mut handshake: Handshake,
     ) {
         let params = match first {
             First::Startup(params) => params,
             // Nothing runs long enough here to be worth cancelling.
-            First::Cancel(_) => return conn.finish(End::Quiet, &handshake.peer).await,
+            First::Cancel(_) => {
+                handshake.ended(ConnectionOutcome::Completed);
+                return conn.finish(End::Quiet, &handshake.peer).await;
+            }
         };
         if let Err(end) = handshake
             .bounded(authenticate(&mut conn, self, &params))
             .await
         {
+            handshake.ended(login_outcome(&end));
             return conn.finish(end, &handshake.peer).await;
         }
         let Handshake {
             peer,
             shutdown,
             pre_auth,
+            mut counted,
             ..
         } = handshake;
         pre_auth.authenticated();
@@ -71,7 +76,28 @@ impl<L: TokenLookup> Protocol for Shared<L> {
         }
         queries.welcome(&mut conn.wbuf);
         let end = queries.serve(&mut conn, &shutdown).await;
+        if let Some(counted) = &mut counted {
+            counted.set_outcome(session_outcome(&end));
+        }
         conn.finish(end, &peer).await;
+    }
+}
+
+/// A login that ended with a FATAL error of ours was refused; one the client broke off (no
+/// password to answer SCRAM with, a dropped connection, a timeout) failed.
+fn login_outcome(end: &End) -> ConnectionOutcome {
+    match end {
+        End::Fatal(..) => ConnectionOutcome::Refused,
+        _ => ConnectionOutcome::Failed,
+    }
+}
+
+/// A logged-in session that the client closed, or that the endpoint closed in order (idle,
+/// shutting down), completed; one cut by an I/O or protocol error failed.
+fn session_outcome(end: &End) -> ConnectionOutcome {
+    match end {
+        End::Quiet | End::IdleTimeout | End::Shutdown => ConnectionOutcome::Completed,
+        _ => ConnectionOutcome::Failed,
     }
 }
 

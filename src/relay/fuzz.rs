@@ -93,6 +93,7 @@ pub fn fuzz_relay(data: &[u8]) {
                 peer_uid: (mode % 3 == 1).then_some(TRUSTED_UID),
                 shutdown: CancellationToken::new(),
                 pre_auth: PreAuth::detached(),
+                counted: None,
             };
             let max_message = shared.config.limits.max_message_bytes;
             startup::run(shared, relay_side, None, max_message, handshake).await;

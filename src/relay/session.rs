@@ -32,6 +32,7 @@ impl<T: LoginTokens> Protocol for Shared<T> {
             peer_uid,
             shutdown,
             pre_auth,
+            ..
         } = handshake;
         let params = match first {
             First::Startup(params) => params,

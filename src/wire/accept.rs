@@ -6,7 +6,6 @@ use super::listener::{BoundListener, Stream};
 use super::pre_auth::PreAuthSet;
 use super::startup::{self, Handshake};
 use crate::log_throttle::LogThrottle;
-use crate::metrics::ConnectionOutcome;
 use bytes::BytesMut;
 use std::future::Future;
 use std::io;
@@ -166,9 +165,9 @@ pub(crate) async fn serve<P: Protocol>(
                 peer_uid: peer_uid.filter(|&uid| uid != u32::MAX),
                 shutdown: stop.clone(),
                 pre_auth: place,
+                counted: protocol.opened(),
             };
             let task = tasks.spawn(async move {
-                let open = protocol.opened();
                 let max_message = serving.max_message_bytes;
                 match stream {
                     Stream::Tcp(s) => {
@@ -178,9 +177,6 @@ pub(crate) async fn serve<P: Protocol>(
                     Stream::Unix(s) => {
                         startup::run(&*protocol, s, None, max_message, handshake).await;
                     }
-                }
-                if let Some(mut open) = open {
-                    open.set_outcome(ConnectionOutcome::Completed);
                 }
                 drop(permit);
             });

@@ -6,6 +6,7 @@ use super::backend;
 use super::conn::{Conn, End};
 use super::framing::{ProtocolError, StartupPacket};
 use super::pre_auth::PreAuth;
+use crate::metrics::{ConnectionOutcome, OpenConnection};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
@@ -25,6 +26,18 @@ pub(crate) struct Handshake {
     pub shutdown: CancellationToken,
     /// Dropped (or [`PreAuth::authenticated`]) once the peer has logged in.
     pub pre_auth: PreAuth,
+    /// The connection's place in the metrics, for a protocol that counts its connections
+    /// ([`super::Protocol::opened`]): it ends as `Failed` unless the protocol says how it went.
+    pub counted: Option<OpenConnection>,
+}
+
+impl Handshake {
+    /// Counts the connection as ended with `outcome`, when it is counted at all.
+    pub(crate) fn ended(&mut self, outcome: ConnectionOutcome) {
+        if let Some(counted) = &mut self.counted {
+            counted.set_outcome(outcome);
+        }
+    }
 }
 
 impl Handshake {
