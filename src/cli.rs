@@ -184,6 +184,10 @@ pub struct RunArgs {
     /// --pgbouncer-dir or a loopback ADDR:PORT (TLS) [default: unix:6434].
     #[arg(long, env = "AWS_PGBOUNCER_RELAY_LISTEN")]
     pub relay_listen: Option<String>,
+    /// Passthrough mode: connections the relay admits at once [default: PgBouncer's server
+    /// pool sizes for the relayed databases, summed, and a quarter more].
+    #[arg(long, env = "AWS_PGBOUNCER_RELAY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub relay_max_connections: Option<u64>,
     /// Auth-query and passthrough modes: allow --auth-listen on an address other than
     /// loopback.
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN_NON_LOOPBACK")]

@@ -1,7 +1,8 @@
 //! File descriptors: the soft `RLIMIT_NOFILE` and what the listeners may hold within it.
 //!
-//! The common soft limit is 1024, while the listeners' defaults add up to more (the relay
-//! alone: 512 connections with two descriptors each, and as many refusals in flight). At the
+//! The common soft limit is 1024, while the listeners' limits often add up to more (the
+//! relay's follows PgBouncer's server pool sizes: 1,000 users with pools of 20 want 25,000
+//! connections, two descriptors each and as many refusals in flight). At the
 //! limit accepts fail with "Too many open files" and every listener stalls together. So the
 //! daemon raises the soft limit to the hard limit at start (PgBouncer, when supervised,
 //! inherits it), and when even that is too small it shrinks the listeners' limits to fit and
@@ -52,21 +53,24 @@ pub fn raise_soft_to_hard() -> io::Result<u64> {
     Ok(nofile()?.0)
 }
 
-/// The auth endpoint's and the relay's limits: the defaults, fitted to the soft limit now in
-/// force, with a warning logged when they had to shrink. `relay`: whether a relay runs.
-pub fn fitted_limits(relay: bool) -> (endpoint::Limits, relay::Limits) {
+/// The auth endpoint's and the relay's limits: the endpoint's default and `relay_max`
+/// connections for the relay (when one runs), fitted to the soft limit now in force, with a
+/// warning logged when they had to shrink.
+pub fn fitted_limits(relay_max: Option<usize>) -> (endpoint::Limits, relay::Limits) {
     let mut endpoint_limits = endpoint::Limits::default();
-    let mut relay_limits = relay::Limits::default();
+    let defaults = relay::Limits::default();
+    let mut relay_limits = relay::Limits {
+        max_connections: relay_max.unwrap_or(defaults.max_connections),
+        ..defaults
+    };
     let soft = match nofile() {
         Ok((soft, _)) => soft,
         Err(error) => {
-            tracing::warn!(%error, "cannot read RLIMIT_NOFILE; keeping the listeners' defaults");
+            tracing::warn!(%error, "cannot read RLIMIT_NOFILE; keeping the listeners' limits as they are");
             return (endpoint_limits, relay_limits);
         }
     };
-    let wanted_relay = relay.then_some(relay_limits.max_connections);
-    let (endpoint_max, relay_max, warning) =
-        fit(soft, endpoint_limits.max_connections, wanted_relay);
+    let (endpoint_max, relay_max, warning) = fit(soft, endpoint_limits.max_connections, relay_max);
     endpoint_limits.max_connections = endpoint_max;
     if let Some(relay_max) = relay_max {
         relay_limits.max_connections = relay_max;

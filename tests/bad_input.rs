@@ -292,3 +292,16 @@ fn database_names_that_pg_hba_reads_as_keywords_are_refused() {
         assert_refused(&output, 1, &format!("database name {name:?} is reserved"));
     }
 }
+
+#[test]
+fn a_relay_limit_of_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("mode = \"passthrough\"\nrelay_max_connections = 0\n{ONE_DATABASE}");
+    let output = run_in(dir.path(), &config, &["--server-ca-file", "/etc/hostname"]);
+    assert_refused(&output, 1, "relay max connections must be at least 1");
+    assert_refused(
+        &run(&["run", "--relay-max-connections", "0"], &[]),
+        2,
+        "0 is not in 1..",
+    );
+}

@@ -22,6 +22,8 @@ host = "localhost"
 port = {standin_port}
 dbname = "appdb"
 users = ["app_user"]
+# The relay's limit follows PgBouncer's pools: 400 connections and a quarter more, plus 8.
+options = { pool_size = 400 }
 "#;
 
 const WARNING: &str = "file descriptors (RLIMIT_NOFILE";
@@ -86,7 +88,7 @@ async fn the_soft_limit_is_raised_and_the_listeners_fit_the_hard_one() {
     assert_eq!(daemon.count_in_log(WARNING), 0, "{}", daemon.log());
     drop(daemon);
 
-    // A hard limit of 700: the relay's and the endpoint's defaults need about 1,900; they
+    // A hard limit of 700: the endpoint's default and the relay's 508 need about 1,900; they
     // shrink, the warning says so once, and logins go on. (Lowering the hard limit cannot be
     // undone here: it comes last.)
     set_nofile(700, 700);
@@ -99,7 +101,7 @@ async fn the_soft_limit_is_raised_and_the_listeners_fit_the_hard_one() {
     assert!(
         daemon.log().contains(
             "only 700 file descriptors (RLIMIT_NOFILE, hard limit included): the auth endpoint \
-             takes at most 17 connections (instead of 64) and the relay 136 (instead of 512)"
+             takes at most 17 connections (instead of 64) and the relay 136 (instead of 508)"
         ),
         "{}",
         daemon.log()

@@ -266,3 +266,64 @@ fn refuses_over_the_limit(daemon: &mut Daemon) {
         Some(200)
     );
 }
+
+/// SETTINGS with pools of one server connection: two users, so the relay's limit derived from
+/// PgBouncer's pool sizes is 2, a quarter more (0) and 8 for cancels and closing connections.
+fn pools_of_one() -> String {
+    format!("{SETTINGS}options = {{ pool_size = 1 }}\n")
+}
+
+/// The relay admits as many logged-in connections as the daemon derived from the pools it
+/// configured PgBouncer with (10 here, where a fixed limit was 512), and refuses the next one
+/// with PostgreSQL's "too many clients".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_admits_what_pgbouncers_pools_can_open_and_refuses_more() {
+    let standin = Standin::start();
+    let work = test_dir("passthrough-relay-derived");
+    let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), &pools_of_one());
+    assert_eq!(relay_sessions_until_refused(&daemon, 600).await, 10);
+}
+
+/// `relay_max_connections` overrides the derived limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_max_connections_overrides_the_derived_limit() {
+    let standin = Standin::start();
+    let work = test_dir("passthrough-relay-override");
+    let settings = format!("relay_max_connections = 12\n{}", pools_of_one());
+    let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), &settings);
+    assert_eq!(relay_sessions_until_refused(&daemon, 600).await, 12);
+}
+
+/// Logs in to the relay directly, as PgBouncer does, keeping every session open, until a
+/// login is refused "too many clients"; returns how many got in. Any other error fails.
+async fn relay_sessions_until_refused(daemon: &Daemon, at_most: usize) -> usize {
+    let secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("relay-secret")).unwrap();
+    let mut sessions = Vec::new();
+    while sessions.len() < at_most {
+        let login = tokio_postgres::Config::new()
+            .host_path(&daemon.pgbouncer_dir)
+            .port(6434)
+            .user("app_user")
+            .password(secret.trim())
+            .dbname("appdb")
+            .connect_timeout(Duration::from_secs(10))
+            .connect(tokio_postgres::NoTls)
+            .await;
+        match login {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                assert_eq!(
+                    scalar(&client, "SELECT current_user").await.unwrap(),
+                    "app_user"
+                );
+                sessions.push(client);
+            }
+            Err(error) => {
+                let error = describe(&error);
+                assert!(error.contains("too many clients"), "{error}");
+                return sessions.len();
+            }
+        }
+    }
+    panic!("the relay admitted {at_most} sessions");
+}

@@ -19,6 +19,7 @@ pub struct ConfigFile {
     pub server_ca_file: Option<PathBuf>,
     pub auth_listen: Option<String>,
     pub relay_listen: Option<String>,
+    pub relay_max_connections: Option<usize>,
     #[serde(default)]
     pub databases: Vec<DatabaseEntry>,
     /// Users that applications log in to PgBouncer as, with optional passwords.

@@ -62,6 +62,10 @@ pub struct PassthroughSettings {
     pub relay_listen: LocalListen,
     /// The RDS CA bundle: the relay logs in to RDS itself, always with verify-full.
     pub rds_ca_file: PathBuf,
+    /// The relay's connection limit when the user sets it; else it is derived from the pool
+    /// sizes PgBouncer is configured with
+    /// ([`crate::pgbouncer::server_connections::relay_connection_limit`]).
+    pub relay_max_connections: Option<usize>,
 }
 
 impl ModeSettings {

@@ -139,8 +139,21 @@ fn resolve_mode(
                 "passthrough mode verifies RDS itself and needs --server-ca-file \
                  (the RDS CA bundle)",
             )?,
+            relay_max_connections: relay_max_connections(args, file)?,
         }),
     })
+}
+
+/// The relay's connection limit if the user sets one: at least 1 (clap checks the flag).
+fn relay_max_connections(args: &RunArgs, file: &ConfigFile) -> Result<Option<usize>, String> {
+    match args
+        .relay_max_connections
+        .map(|max| max as usize)
+        .or(file.relay_max_connections)
+    {
+        Some(0) => Err("relay max connections must be at least 1".to_owned()),
+        given => Ok(given),
+    }
 }
 
 /// `ADDR:PORT`, `unix` or `unix:PORT` (a socket in the PgBouncer directory; the port of the

@@ -41,7 +41,7 @@ impl AuthQueryMode {
             true => Some(self_signed_tls(dir)?.0),
             false => None,
         };
-        let (limits, _) = crate::fd_limit::fitted_limits(false);
+        let (limits, _) = crate::fd_limit::fitted_limits(None);
         let plan = EndpointPlan {
             listen: auth_listen,
             tls: own_tls.clone(),

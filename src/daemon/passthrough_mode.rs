@@ -8,6 +8,7 @@ use crate::config::{PassthroughSettings, Settings};
 use crate::endpoint::self_signed_tls;
 use crate::pgbouncer::files::load_or_create_secret;
 use crate::pgbouncer::render::{ServerRoute, ServerTls};
+use crate::pgbouncer::server_connections::relay_connection_limit;
 use crate::relay::{RelayConfig, Upstream, upstream_tls};
 use crate::token::TokenSource;
 use secrecy::SecretString;
@@ -39,7 +40,10 @@ impl PassthroughMode {
         // A CA of the daemon's own: every server connection of PgBouncer's goes to the
         // daemon, and on TCP PgBouncer verifies (verify-full) that it is the daemon.
         let (own_tls, own_ca) = self_signed_tls(dir)?;
-        let (endpoint_limits, relay_limits) = crate::fd_limit::fitted_limits(true);
+        let relay_max = passthrough
+            .relay_max_connections
+            .unwrap_or_else(|| relay_connection_limit(settings));
+        let (endpoint_limits, relay_limits) = crate::fd_limit::fitted_limits(Some(relay_max));
         let secret =
             load_or_create_secret(dir, RELAY_SECRET_FILE).map_err(|error| error.to_string())?;
         let relay = LocalAddress::of(&passthrough.relay_listen, dir);
@@ -49,6 +53,7 @@ impl PassthroughMode {
             metrics: Some(metrics.clone()),
             ..relay_config(settings, &passthrough.rds_ca_file, secret.clone())?
         };
+        let max_connections = config.limits.max_connections;
         let listener = relay.bind("relay").await?;
         tokio::spawn(crate::relay::serve(
             listener,
@@ -56,7 +61,7 @@ impl PassthroughMode {
             source.clone(),
             relay_stopped,
         ));
-        tracing::info!(listen = ?relay.listen, "relay listening");
+        tracing::info!(listen = ?relay.listen, max_connections, "relay listening");
 
         let plan = EndpointPlan {
             listen: &passthrough.auth_listen,

@@ -5,4 +5,5 @@ pub mod admin;
 pub mod files;
 pub mod render;
 pub mod scram_only;
+pub mod server_connections;
 pub mod supervise;

@@ -267,13 +267,13 @@ fn quote_userlist(value: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::ModeSettings;
     use crate::token::TokenKey;
     use std::time::SystemTime;
 
-    fn database(name: &str, user: &str) -> Database {
+    pub(crate) fn database(name: &str, user: &str) -> Database {
         Database {
             name: name.into(),
             dbname: format!("{name}_db"),
@@ -302,6 +302,7 @@ mod tests {
                         auth_listen,
                         relay_listen,
                         rds_ca_file: "/etc/rds-ca.pem".into(),
+                        relay_max_connections: None,
                     })
                 }
             },
@@ -324,6 +325,14 @@ mod tests {
                 exit_zero_on_sigterm: false,
                 quitquitquit: false,
             },
+        }
+    }
+
+    /// Passthrough mode with these entries and `[pgbouncer]` settings.
+    pub(crate) fn settings_with(databases: Vec<Database>, pgbouncer: &[(&str, &str)]) -> Settings {
+        Settings {
+            databases,
+            ..settings(Mode::Passthrough, pgbouncer)
         }
     }
 

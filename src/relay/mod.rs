@@ -110,8 +110,9 @@ pub struct Upstream {
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Connections at once, cancel requests included. A new one beyond closes the oldest that
-    /// has not logged in; when all have, it is refused with 53300. Keep it above the sum of
-    /// PgBouncer's server pool sizes for the relayed databases.
+    /// has not logged in; when all have, it is refused with 53300, which fails PgBouncer's
+    /// server login. The daemon derives it from the pool sizes it configures PgBouncer with
+    /// ([`crate::pgbouncer::server_connections`]); the default is for a relay run on its own.
     pub max_connections: usize,
     /// Largest message accepted before the relay steps aside, header included: PgBouncer's
     /// startup and SCRAM messages, and the upstream's messages up to ReadyForQuery.
