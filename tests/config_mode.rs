@@ -214,3 +214,64 @@ fn the_old_sidecars_variables_still_work() {
     );
     assert_eq!(answer.as_deref(), Ok("app_user"), "{}", daemon.log());
 }
+
+/// Twelve entries, each for its own IAM user, so that twelve keys refresh within about two
+/// seconds of each other every lifetime (the refresh point is jittered over a tenth of it).
+/// Nobody logs in: only the RELOADs that carry their tokens to PgBouncer are counted.
+fn twelve_users_settings() -> String {
+    let mut settings = String::from("token_lifetime = 20\n");
+    for n in 0..12 {
+        settings.push_str(&format!(
+            "\n[[databases]]\nname = \"db{n}\"\nhost = \"localhost\"\nport = {{standin_port}}\n\
+             dbname = \"appdb\"\nuser = \"user{n}\"\n"
+        ));
+    }
+    settings
+}
+
+/// The sum of every `/metrics` sample whose name (and labels) start with `prefix`.
+fn metric_sum(daemon: &Daemon, prefix: &str) -> f64 {
+    let (_, body) = daemon
+        .http_get("/metrics")
+        .expect("the daemon serves /metrics");
+    body.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn refreshes_of_many_entries_share_their_reloads() {
+    let standin = Standin::start();
+    let work = test_dir("config-mode-reloads");
+    let settings = twelve_users_settings();
+    let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), &settings);
+    let refreshes = || metric_sum(&daemon, "aws_pgbouncer_token_refreshes_total{");
+    let reloads = || metric_sum(&daemon, "aws_pgbouncer_pgbouncer_reloads_total");
+    let (refreshes_at_start, reloads_at_start) = (refreshes(), reloads());
+    let started = Instant::now();
+    // Two rounds of refreshes: every key's token replaced twice.
+    while refreshes() < refreshes_at_start + 24.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the tokens were not refreshed twice in 60 s: {} refreshes; log:\n{}",
+            refreshes() - refreshes_at_start,
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The last refresh's RELOAD may wait out the spacing.
+    std::thread::sleep(Duration::from_secs(3));
+    let elapsed = started.elapsed().as_secs_f64();
+    let reloaded = reloads() - reloads_at_start;
+    assert!(
+        reloaded <= (elapsed / 2.0).ceil() + 1.0,
+        "{reloaded} RELOADs in {elapsed:.1} s for {} refreshes: more than one per 2 s",
+        refreshes() - refreshes_at_start
+    );
+    // Each round of refreshes still reaches PgBouncer.
+    assert!(
+        reloaded >= 2.0,
+        "{reloaded} RELOADs for two rounds of refreshes"
+    );
+}

@@ -2,7 +2,10 @@
 //!
 //! A reload that fails (PgBouncer not up yet, restarting, or refusing) is retried with
 //! back-off; a newer request simply joins the one in progress, since one RELOAD reads the
-//! newest files.
+//! newest files. RELOADs are spaced by at least `MIN_RELOAD_INTERVAL`: each one makes PgBouncer
+//! re-read and re-parse every file (with 500 entries it cost PgBouncer over 1,000 CPU seconds
+//! an hour when every key's refresh reloaded), while a new token can wait two seconds, as the
+//! old one stays valid for a third of its life after the refresh point.
 
 use super::state::DaemonState;
 use crate::backoff;
@@ -19,6 +22,8 @@ const RETRY_CAP: Duration = Duration::from_secs(15);
 const FIRST_CONSOLE_RETRY: Duration = Duration::from_millis(20);
 /// How often an idle daemon checks that PgBouncer still answers, for readiness.
 const PING_EVERY: Duration = Duration::from_secs(10);
+/// The shortest time from one RELOAD to the next; requests in between make one RELOAD.
+const MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
 pub struct Reloader {
     requests: watch::Sender<u64>,
@@ -61,13 +66,17 @@ struct Task {
 impl Task {
     async fn run(mut self, mut requests: watch::Receiver<u64>) {
         self.await_console().await;
+        // The first RELOAD (start-up) goes at once.
+        let mut next_allowed = Instant::now();
         loop {
             tokio::select! {
                 changed = requests.changed() => {
                     if changed.is_err() {
                         return;
                     }
+                    tokio::time::sleep_until(next_allowed.into()).await;
                     self.reload_until_done(&mut requests).await;
+                    next_allowed = Instant::now() + MIN_RELOAD_INTERVAL;
                 }
                 () = tokio::time::sleep(PING_EVERY) => self.ping().await,
             }
