@@ -275,3 +275,32 @@ fn refreshes_of_many_entries_share_their_reloads() {
         "{reloaded} RELOADs for two rounds of refreshes"
     );
 }
+
+/// The test bed's PgBouncer (trixie's 1.24.1 where no newer source can be had) has known
+/// problems: the daemon names each once, with its reason, after `SHOW VERSION`.
+#[test]
+fn pgbouncers_known_problems_are_warned_about_once_each() {
+    let version = support::Testbed::locate().pgbouncer_version.clone();
+    let release: Vec<u32> = version
+        .split('.')
+        .map(|part| part.parse().expect("a numeric PgBouncer version"))
+        .collect();
+    let standin = Standin::start();
+    let work = test_dir("config-mode-version");
+    let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), SETTINGS);
+    let log = daemon.log();
+    let expected: &[(&str, bool)] = &[
+        ("PgBouncer 1.24.x crashes", release[..2] == [1, 24]),
+        ("has CVE-2025-12819", release < vec![1, 25, 1]),
+        ("has CVE-2026-6664 to 6667", release < vec![1, 25, 2]),
+        ("has CVE-2026-107348 to 107350", release < vec![1, 26, 1]),
+    ];
+    for (warning, applies) in expected {
+        let times = log.matches(warning).count();
+        assert_eq!(
+            times,
+            usize::from(*applies),
+            "PgBouncer {version}: \"{warning}\" logged {times} times; log:\n{log}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use super::state::DaemonState;
 use crate::backoff;
 use crate::config::TlsMode;
 use crate::metrics::Metrics;
-use crate::pgbouncer::admin::{AdminConsole, version_warning};
+use crate::pgbouncer::admin::{AdminConsole, version_warnings};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -89,7 +89,7 @@ impl Task {
             match self.console.version().await {
                 Ok(version) => {
                     tracing::info!(%version, "connected to PgBouncer's admin console");
-                    if let Some(warning) = version_warning(&version) {
+                    for warning in version_warnings(&version) {
                         tracing::warn!(%version, "{warning}");
                     }
                     self.check_server_tls().await;

@@ -133,7 +133,7 @@ mod tests {
     #[test]
     fn placeholders() {
         assert_eq!(
-            max_placeholder("SELECT usename, passwd FROM pg_shadow WHERE usename=$1"),
+            max_placeholder("SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename=$1"),
             1
         );
         assert_eq!(max_placeholder("SELECT $1, $1"), 1);

@@ -215,41 +215,100 @@ pub fn reachable_ip(addr: SocketAddr) -> IpAddr {
     }
 }
 
-/// What is wrong with a PgBouncer version for this daemon, if anything.
-pub fn version_warning(version: &str) -> Option<&'static str> {
-    let number = version.split_whitespace().last()?;
+/// The known problems of the PgBouncer answering `SHOW VERSION` (`PgBouncer 1.24.1`), each
+/// with its reason, for the daemon to warn about once at start. Unparsable versions (a
+/// development build, say) get none.
+pub fn version_warnings(version: &str) -> Vec<&'static str> {
+    let number = version.split_whitespace().last().unwrap_or_default();
     let mut parts = number.split('.').map(|part| part.parse::<u32>().ok());
-    let (major, minor) = (parts.next()??, parts.next()??);
-    match (major, minor) {
-        (1, minor) if minor < 24 => Some(
-            "PgBouncer before 1.24 drops every TLS server connection at each RELOAD, so each \
-             token refresh reconnects all pools; upgrade to 1.25 or newer",
-        ),
-        (1, 24) => Some(
-            "PgBouncer 1.24.x crashes when a server asks for SCRAM and the password is 1024 \
-             bytes or longer (tokens signed with session credentials are); upgrade to 1.25 or newer",
-        ),
-        _ => None,
-    }
+    let (Some(Some(major)), Some(Some(minor))) = (parts.next(), parts.next()) else {
+        return Vec::new();
+    };
+    let release = (major, minor, parts.next().flatten().unwrap_or(0));
+    KNOWN_PROBLEMS
+        .iter()
+        .filter(|problem| (problem.first_affected..problem.fixed_in).contains(&release))
+        .map(|problem| problem.reason)
+        .collect()
 }
+
+struct KnownProblem {
+    first_affected: (u32, u32, u32),
+    fixed_in: (u32, u32, u32),
+    reason: &'static str,
+}
+
+/// From PgBouncer's release notes and CVE advisories.
+const KNOWN_PROBLEMS: &[KnownProblem] = &[
+    KnownProblem {
+        first_affected: (0, 0, 0),
+        fixed_in: (1, 24, 0),
+        reason: "PgBouncer before 1.24 drops every TLS server connection at each RELOAD, so \
+                 each token refresh reconnects all pools; upgrade to 1.26.1 or newer",
+    },
+    KnownProblem {
+        first_affected: (1, 24, 0),
+        fixed_in: (1, 25, 0),
+        reason: "PgBouncer 1.24.x crashes when a server asks for SCRAM and the password is 1024 \
+                 bytes or longer (tokens signed with session credentials are); upgrade to \
+                 1.26.1 or newer",
+    },
+    KnownProblem {
+        first_affected: (0, 0, 0),
+        fixed_in: (1, 25, 1),
+        reason: "PgBouncer before 1.25.1 has CVE-2025-12819 (SQL through an auth_query with \
+                 unqualified names when search_path is tracked; the daemon's auth_query is \
+                 schema-qualified, one of your own may not be); upgrade to 1.26.1 or newer",
+    },
+    KnownProblem {
+        first_affected: (0, 0, 0),
+        fixed_in: (1, 25, 2),
+        reason: "PgBouncer before 1.25.2 has CVE-2026-6664 to 6667 (6666: a server error \
+                 without a SQLSTATE crashes it; the daemon's endpoint and relay always send \
+                 one); upgrade to 1.26.1 or newer",
+    },
+    KnownProblem {
+        first_affected: (1, 17, 0),
+        fixed_in: (1, 26, 1),
+        reason: "PgBouncer before 1.26.1 has CVE-2026-107348 to 107350 (packet buffer \
+                 overflow, an empty startup option name spinning a core, a second \
+                 StartupMessage during SCRAM logging in as another user); upgrade to 1.26.1 or \
+                 newer",
+    },
+];
 
 #[cfg(test)]
 mod tests {
-    use super::version_warning;
+    use super::version_warnings;
+
+    /// The first words of each warning for `version`.
+    fn reasons(version: &str) -> Vec<String> {
+        version_warnings(version)
+            .iter()
+            .map(|warning| warning.split(" (").next().unwrap().to_owned())
+            .collect()
+    }
 
     #[test]
-    fn old_versions_are_warned_about() {
-        assert!(
-            version_warning("PgBouncer 1.18.0")
-                .unwrap()
-                .contains("before 1.24")
-        );
-        assert!(
-            version_warning("PgBouncer 1.24.1")
-                .unwrap()
-                .contains("1.24.x")
-        );
-        assert_eq!(version_warning("PgBouncer 1.25.2"), None);
-        assert_eq!(version_warning("PgBouncer 2.0.0"), None);
+    fn each_release_gets_the_problems_it_has_and_no_others() {
+        let all_cves = [
+            "PgBouncer before 1.25.1 has CVE-2025-12819",
+            "PgBouncer before 1.25.2 has CVE-2026-6664 to 6667",
+            "PgBouncer before 1.26.1 has CVE-2026-107348 to 107350",
+        ];
+        let mut old = vec!["PgBouncer before 1.24 drops every TLS server connection at each RELOAD, so each token refresh reconnects all pools; upgrade to 1.26.1 or newer".to_owned()];
+        old.extend(all_cves.map(String::from));
+        assert_eq!(reasons("PgBouncer 1.18.0"), old);
+        let mut trixie = vec!["PgBouncer 1.24.x crashes when a server asks for SCRAM and the password is 1024 bytes or longer".to_owned()];
+        trixie.extend(all_cves.map(String::from));
+        assert_eq!(reasons("PgBouncer 1.24.1"), trixie);
+        assert_eq!(reasons("PgBouncer 1.25.0"), all_cves.map(String::from));
+        assert_eq!(reasons("PgBouncer 1.25.1"), all_cves[1..].to_vec());
+        assert_eq!(reasons("PgBouncer 1.25.2"), all_cves[2..].to_vec());
+        assert_eq!(reasons("PgBouncer 1.26.0"), all_cves[2..].to_vec());
+        assert!(reasons("PgBouncer 1.26.1").is_empty());
+        assert!(reasons("PgBouncer 1.27").is_empty());
+        assert!(reasons("PgBouncer 2.0.0").is_empty());
+        assert!(reasons("PgBouncer dev").is_empty());
     }
 }

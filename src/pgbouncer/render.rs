@@ -17,7 +17,9 @@ pub const ADMIN_USER: &str = "aws_pgbouncer_admin";
 /// PgBouncer's `auth_user` in auth-query mode: the only user the auth endpoint admits.
 pub const AUTH_USER: &str = "aws_pgbouncer_auth";
 /// The query PgBouncer sends the endpoint; the endpoint reads only its parameter.
-const AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1";
+/// Schema-qualified although only the daemon's endpoint answers it: CVE-2025-12819 lets a
+/// client run SQL through an auth_query with unqualified names on PgBouncer before 1.25.1.
+const AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename=$1";
 
 /// PgBouncer's wait after a failed server login in auth-query and passthrough modes: long
 /// enough not to hammer a server that refuses, short enough that a daemon restart costs
