@@ -188,6 +188,11 @@ pub struct RunArgs {
     /// pool sizes for the relayed databases, summed, and a quarter more].
     #[arg(long, env = "AWS_PGBOUNCER_RELAY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub relay_max_connections: Option<u64>,
+    /// Passthrough mode: new upstream logins per second per RDS host, with a burst of a tenth
+    /// (AWS throttles beyond about 200 per instance); a login waits up to 5 s for its turn,
+    /// else is refused with 57P03 [default: 100].
+    #[arg(long, env = "AWS_PGBOUNCER_RELAY_LOGIN_RATE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub relay_login_rate: Option<u32>,
     /// Auth-query and passthrough modes: allow --auth-listen on an address other than
     /// loopback.
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN_NON_LOOPBACK")]

@@ -20,6 +20,7 @@ pub struct ConfigFile {
     pub auth_listen: Option<String>,
     pub relay_listen: Option<String>,
     pub relay_max_connections: Option<usize>,
+    pub relay_login_rate: Option<u32>,
     #[serde(default)]
     pub databases: Vec<DatabaseEntry>,
     /// Users that applications log in to PgBouncer as, with optional passwords.

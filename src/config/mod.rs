@@ -66,6 +66,9 @@ pub struct PassthroughSettings {
     /// sizes PgBouncer is configured with
     /// ([`crate::pgbouncer::server_connections::relay_connection_limit`]).
     pub relay_max_connections: Option<usize>,
+    /// New upstream logins per second per RDS host when the user sets it
+    /// ([`crate::relay::LoginRate`]).
+    pub relay_login_rate: Option<u32>,
 }
 
 impl ModeSettings {

@@ -140,6 +140,10 @@ fn resolve_mode(
                  (the RDS CA bundle)",
             )?,
             relay_max_connections: relay_max_connections(args, file)?,
+            relay_login_rate: match args.relay_login_rate.or(file.relay_login_rate) {
+                Some(0) => return Err("relay login rate must be at least 1".to_owned()),
+                given => given,
+            },
         }),
     })
 }

@@ -9,7 +9,7 @@ use crate::endpoint::self_signed_tls;
 use crate::pgbouncer::files::load_or_create_secret;
 use crate::pgbouncer::render::{ServerRoute, ServerTls};
 use crate::pgbouncer::server_connections::relay_connection_limit;
-use crate::relay::{RelayConfig, Upstream, upstream_tls};
+use crate::relay::{LoginRate, RelayConfig, Upstream, upstream_tls};
 use crate::token::TokenSource;
 use secrecy::SecretString;
 use std::path::Path;
@@ -43,7 +43,10 @@ impl PassthroughMode {
         let relay_max = passthrough
             .relay_max_connections
             .unwrap_or_else(|| relay_connection_limit(settings));
-        let (endpoint_limits, relay_limits) = crate::fd_limit::fitted_limits(Some(relay_max));
+        let (endpoint_limits, mut relay_limits) = crate::fd_limit::fitted_limits(Some(relay_max));
+        if let Some(rate) = passthrough.relay_login_rate {
+            relay_limits.login_rate = LoginRate::per_second(rate);
+        }
         let secret =
             load_or_create_secret(dir, RELAY_SECRET_FILE).map_err(|error| error.to_string())?;
         let relay = LocalAddress::of(&passthrough.relay_listen, dir);

@@ -41,6 +41,7 @@ pub struct Metrics {
     endpoint_connections: Gauge,
     endpoint_connections_total: Family<OneLabel, Counter>,
     relay_refusals: Family<OneLabel, Counter>,
+    relay_logins_delayed: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -113,6 +114,12 @@ impl Metrics {
             "Logins the relay refused before reaching the upstream server, by reason",
             counters("reason", RelayRefusal::ALL.map(RelayRefusal::label)),
         );
+        let relay_logins_delayed = registered(
+            &mut registry,
+            "aws_pgbouncer_relay_logins_delayed",
+            "Upstream logins the relay held back to pace new logins per RDS host",
+            Counter::default(),
+        );
         registry.register_collector(Box::new(TokenCollector::new(databases, Box::new(health))));
         Self {
             registry,
@@ -124,6 +131,7 @@ impl Metrics {
             endpoint_connections,
             endpoint_connections_total,
             relay_refusals,
+            relay_logins_delayed,
         }
     }
 
@@ -158,6 +166,10 @@ impl Metrics {
         self.relay_refusals
             .get_or_create(&[("reason", reason.label())])
             .inc();
+    }
+
+    pub fn relay_login_delayed(&self) {
+        self.relay_logins_delayed.inc();
     }
 
     /// The whole exposition, ready to serve with [`CONTENT_TYPE`].

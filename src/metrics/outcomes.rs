@@ -72,14 +72,18 @@ pub enum RelayRefusal {
     UserNotAllowed,
     /// The startup packet carried a parameter PgBouncer never sends to a server.
     StartupParameter,
+    /// The host's next login slot was further off than a login may wait
+    /// ([`crate::relay::LoginRate`]).
+    LoginRate,
 }
 
 impl RelayRefusal {
-    pub(super) const ALL: [Self; 4] = [
+    pub(super) const ALL: [Self; 5] = [
         Self::Authentication,
         Self::UnknownDatabase,
         Self::UserNotAllowed,
         Self::StartupParameter,
+        Self::LoginRate,
     ];
 
     pub(super) fn label(self) -> &'static str {
@@ -88,6 +92,7 @@ impl RelayRefusal {
             RelayRefusal::UnknownDatabase => "unknown_database",
             RelayRefusal::UserNotAllowed => "user_not_allowed",
             RelayRefusal::StartupParameter => "startup_parameter",
+            RelayRefusal::LoginRate => "login_rate",
         }
     }
 }

@@ -305,6 +305,7 @@ pub(crate) mod tests {
                         relay_listen,
                         rds_ca_file: "/etc/rds-ca.pem".into(),
                         relay_max_connections: None,
+                        relay_login_rate: None,
                     })
                 }
             },

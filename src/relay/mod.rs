@@ -59,9 +59,11 @@ mod cancel;
 #[cfg(any(fuzzing, test))]
 mod fuzz;
 mod login;
+mod pacing;
 mod session;
 mod upstream;
 
+pub use pacing::LoginRate;
 pub use session::FORWARDED_PARAMETERS;
 
 use crate::metrics::{Metrics, RelayRefusal};
@@ -70,6 +72,7 @@ use crate::wire::accept::{self, Serving};
 use crate::wire::conn::End;
 use crate::wire::scram::ScramSecret;
 use cancel::CancelMap;
+use pacing::LoginPacer;
 use rustls::ClientConfig;
 use secrecy::SecretString;
 use std::collections::HashMap;
@@ -123,6 +126,10 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// How long `serve` lets relayed sessions go on after shutdown before cutting them off.
     pub shutdown_grace: Duration,
+    /// New upstream logins per RDS host. A login waits for its slot up to half the
+    /// handshake timeout, which leaves the other half for the login itself; beyond, it is
+    /// refused with 57P03 so that PgBouncer hears why rather than timing out.
+    pub login_rate: LoginRate,
 }
 
 impl Default for Limits {
@@ -132,6 +139,7 @@ impl Default for Limits {
             max_message_bytes: 16 * 1024,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            login_rate: LoginRate::default(),
         }
     }
 }
@@ -187,6 +195,7 @@ struct Shared<T> {
     tokens: T,
     tls: tokio_rustls::TlsConnector,
     cancels: CancelMap,
+    pacer: LoginPacer,
 }
 
 impl<T> Shared<T> {
@@ -194,6 +203,10 @@ impl<T> Shared<T> {
         Self {
             secret: ScramSecret::generate(&config.secret),
             tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
+            pacer: LoginPacer::new(
+                config.limits.login_rate,
+                config.limits.handshake_timeout / 2,
+            ),
             config,
             tokens,
             cancels: CancelMap::default(),

@@ -6,6 +6,7 @@
 
 use super::cancel::{self, CancelKey, Registration};
 use super::login::upstream_login;
+use super::pacing::Paced;
 use super::upstream::{self, UpstreamStream};
 use super::{LoginTokens, Shared, Upstream};
 use crate::metrics::RelayRefusal;
@@ -117,6 +118,7 @@ where
     // Only now, so that the target names are not disclosed to whoever can connect.
     let database = params.database(user);
     let target = admit(shared, params, user, database)?;
+    pace(shared, target).await?;
     let stream = upstream::connect(target, &shared.tls)
         .await
         .map_err(|error| {
@@ -183,6 +185,39 @@ fn admit<'a, T>(
         ));
     }
     Ok(target)
+}
+
+/// Waits for the target host's next login slot, or refuses with 57P03 (cannot_connect_now):
+/// like PostgreSQL's "the database system is starting up", it says "not now, try again",
+/// which is what PgBouncer does after `server_login_retry`; 53300 would blame the number of
+/// connections, which the relay's connection limit already answers with.
+///
+/// Paced by the host the token is signed for, not the one dialed: AWS throttles IAM logins
+/// per DB instance, which the token's host names, while several dialed names (tunnels,
+/// load balancers) may reach one instance. Today the two are the same [`Upstream::host`].
+async fn pace<T>(shared: &Shared<T>, target: &Upstream) -> Result<(), End> {
+    match shared.pacer.admit(&target.host).await {
+        Paced::Now => Ok(()),
+        Paced::Delayed => {
+            if let Some(metrics) = &shared.config.metrics {
+                metrics.relay_login_delayed();
+            }
+            Ok(())
+        }
+        Paced::Refused { next_slot_in } => Err(shared.refused(
+            RelayRefusal::LoginRate,
+            End::Fatal(
+                SqlState::CANNOT_CONNECT_NOW,
+                format!(
+                    "too many new logins to {}: the relay paces them at {} per second \
+                     (relay_login_rate) and the next free slot is {} ms away",
+                    target.host,
+                    shared.config.limits.login_rate.per_second,
+                    next_slot_in.as_millis()
+                ),
+            ),
+        )),
+    }
 }
 
 /// Copies both ways until either side closes. Bytes already read past the handshake on
