@@ -294,14 +294,19 @@ fn database_names_that_pg_hba_reads_as_keywords_are_refused() {
 }
 
 #[test]
-fn a_relay_limit_of_zero_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!("mode = \"passthrough\"\nrelay_max_connections = 0\n{ONE_DATABASE}");
-    let output = run_in(dir.path(), &config, &["--server-ca-file", "/etc/hostname"]);
-    assert_refused(&output, 1, "relay max connections must be at least 1");
-    assert_refused(
-        &run(&["run", "--relay-max-connections", "0"], &[]),
-        2,
-        "0 is not in 1..",
-    );
+fn relay_limits_of_zero_are_refused() {
+    for (key, flag, words) in [
+        (
+            "relay_max_connections",
+            "--relay-max-connections",
+            "max connections",
+        ),
+        ("relay_login_rate", "--relay-login-rate", "login rate"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!("mode = \"passthrough\"\n{key} = 0\n{ONE_DATABASE}");
+        let output = run_in(dir.path(), &config, &["--server-ca-file", "/etc/hostname"]);
+        assert_refused(&output, 1, &format!("relay {words} must be at least 1"));
+        assert_refused(&run(&["run", flag, "0"], &[]), 2, "0 is not in 1..");
+    }
 }

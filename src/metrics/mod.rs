@@ -217,6 +217,8 @@ mod tests {
         let mut completed = metrics.endpoint_connection_opened();
         let _still_open = metrics.endpoint_connection_opened();
         let abandoned = metrics.endpoint_connection_opened();
+        metrics.relay_login_delayed();
+        metrics.relay_refused(RelayRefusal::LoginRate);
         completed.set_outcome(ConnectionOutcome::Completed);
         drop(completed);
         drop(abandoned);
@@ -276,6 +278,17 @@ mod tests {
             sample(
                 &text,
                 "aws_pgbouncer_endpoint_connections_total{outcome=\"failed\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "aws_pgbouncer_relay_logins_delayed_total"),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "aws_pgbouncer_relay_refusals_total{reason=\"login_rate\"}"
             ),
             1.0
         );

@@ -85,7 +85,9 @@ impl LoginPacer {
             let mut schedule = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
             let interval = self.rate.interval();
             let due = schedule.get(host).copied().unwrap_or(now).max(now);
-            let slot = (due - interval * (self.rate.burst - 1)).max(now);
+            let slot = due
+                .checked_sub(interval * (self.rate.burst - 1))
+                .map_or(now, |slot| slot.max(now));
             if slot - now > self.max_wait {
                 return Paced::Refused {
                     next_slot_in: slot - now,
