@@ -115,9 +115,10 @@ async fn logins_whose_turn_is_too_far_off_are_refused_with_57p03() {
             }
         }
     }
-    // Six turns within 5 s, five if a login just before took the first.
+    // Six turns within 5 s (five if a login just before took the first; more only if the
+    // logins reached the relay spread over seconds): some waited their turn, some were refused.
     assert!(
-        (5..=6).contains(&admitted) && admitted + refused == 8,
+        admitted >= 5 && refused >= 1 && admitted + refused == 8,
         "{admitted} in, {refused} refused"
     );
     assert_eq!(daemon.metric(REFUSED), Some(f64::from(refused)));
