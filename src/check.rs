@@ -102,10 +102,12 @@ async fn check_login(
     )
     .map_err(|error| format!("could not mint a token: {error}"))?;
 
+    // Where PgBouncer connects, which is not the token's host behind a tunnel or an NLB.
+    let (host, port) = database.dial_address();
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&target.host)
-        .port(target.port)
+        .host(host)
+        .port(port)
         .user(&target.user)
         .password(token.expose())
         .dbname(&database.dbname)

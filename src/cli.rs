@@ -159,6 +159,13 @@ pub struct RunArgs {
     /// The database port [default: 5432]. Also read from DB_PORT.
     #[arg(long, env = "AWS_PGBOUNCER_PORT")]
     pub port: Option<u16>,
+    /// The RDS endpoint name tokens are signed for, when --host is another way to reach it
+    /// (an NLB, a tunnel, a port-forward) [default: --host].
+    #[arg(long, env = "AWS_PGBOUNCER_TOKEN_HOST")]
+    pub token_host: Option<String>,
+    /// The port tokens are signed for [default: --port].
+    #[arg(long, env = "AWS_PGBOUNCER_TOKEN_PORT")]
+    pub token_port: Option<u16>,
     /// The database name on the server, also the name applications connect to. Also read
     /// from DB_NAME.
     #[arg(long, env = "AWS_PGBOUNCER_DBNAME")]

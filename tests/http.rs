@@ -66,6 +66,7 @@ async fn start_on(address: &str, quit: Option<Arc<Notify>>) -> Server {
         name: "appdb".to_owned(),
         dbname: "appdb".to_owned(),
         target: target(),
+        dial: None,
         allowed_users: vec![target().user],
         options: Vec::new(),
     };

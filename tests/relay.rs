@@ -39,6 +39,7 @@ fn upstream(standin: &Standin, host: &str, port: u16) -> Upstream {
     Upstream {
         host: host.into(),
         port,
+        dial: None,
         region: standin.region().into(),
         database: "appdb".into(),
         users: vec!["app_user".into(), "reporter".into(), "password_user".into()],

@@ -38,6 +38,11 @@ pub struct DatabaseEntry {
     pub name: Option<String>,
     pub host: String,
     pub port: Option<u16>,
+    /// The RDS endpoint name the token is signed for, when `host` is another way to reach it
+    /// (an NLB, a tunnel, a port-forward, a custom DNS name); defaults to `host`.
+    pub token_host: Option<String>,
+    /// The port the token is signed for; defaults to `port`.
+    pub token_port: Option<u16>,
     pub dbname: String,
     /// Config mode: the IAM database user PgBouncer logs in as.
     pub user: Option<String>,

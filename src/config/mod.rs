@@ -113,12 +113,23 @@ pub struct Database {
     /// The server and, in config mode, the forced user; in auth-query and passthrough modes
     /// the first allowed user.
     pub target: TokenKey,
+    /// Where PgBouncer or the relay connects when that is not the token's host and port
+    /// (`host`/`port` with a `token_host`/`token_port`).
+    pub dial: Option<(String, u16)>,
     /// Every IAM user that may log in through this entry: the forced user in config mode.
     pub allowed_users: Vec<String>,
     pub options: Vec<(String, String)>,
 }
 
 impl Database {
+    /// The host and port connections to this entry's server go to.
+    pub fn dial_address(&self) -> (&str, u16) {
+        match &self.dial {
+            Some((host, port)) => (host, *port),
+            None => (&self.target.host, self.target.port),
+        }
+    }
+
     /// The token key for `user` at this entry's server.
     pub fn key_for(&self, user: &str) -> TokenKey {
         TokenKey {

@@ -233,6 +233,8 @@ fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> 
         name: None,
         host,
         port,
+        token_host: args.token_host.clone(),
+        token_port: args.token_port,
         dbname,
         user,
         users: args.allow_users.clone(),
@@ -248,9 +250,9 @@ async fn resolve_database(
 ) -> Result<Database, String> {
     let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
     check_database_name(&name)?;
-    if entry.host.is_empty() || entry.dbname.is_empty() {
+    if entry.host.is_empty() || entry.dbname.is_empty() || entry.token_host.as_deref() == Some("") {
         return Err(format!(
-            "database {name}: host and dbname must not be empty"
+            "database {name}: host, token_host and dbname must not be empty"
         ));
     }
     let allowed_users: Vec<String> = match mode {
@@ -282,19 +284,25 @@ async fn resolve_database(
     for user in &allowed_users {
         check_user_name(user)?;
     }
-    let region = resolve_region(entry.region.as_deref().or(default_region), &entry.host)
+    let port = entry.port.unwrap_or(5432);
+    let token_host = entry.token_host.unwrap_or_else(|| entry.host.clone());
+    let token_port = entry.token_port.unwrap_or(port);
+    // The token host is the RDS endpoint name: the one a region can be read from.
+    let region = resolve_region(entry.region.as_deref().or(default_region), &token_host)
         .await
         .map_err(|error| format!("database {name}: {error}"))?;
+    let dial = (entry.host != token_host || port != token_port).then_some((entry.host, port));
     let options = database_options(&name, &entry.options)?;
     Ok(Database {
         name,
         dbname: entry.dbname,
         target: TokenKey {
-            host: entry.host,
-            port: entry.port.unwrap_or(5432),
+            host: token_host,
+            port: token_port,
             user: first_user,
             region,
         },
+        dial,
         allowed_users,
         options,
     })

@@ -108,6 +108,7 @@ fn relay_config(
             let upstream = Upstream {
                 host: db.target.host.clone(),
                 port: db.target.port,
+                dial: db.dial.clone(),
                 region: db.target.region.clone(),
                 database: db.dbname.clone(),
                 users: db.allowed_users.clone(),

@@ -184,6 +184,7 @@ pub(super) mod tests {
             name: name.to_owned(),
             dbname: name.to_owned(),
             target: key(user),
+            dial: None,
             allowed_users: vec![user.to_owned()],
             options: Vec::new(),
         }

@@ -107,12 +107,13 @@ pub fn databases_ini<'a>(
     ini.push_str("[databases]\n");
     for (database, token) in entries {
         let target = &database.target;
+        let (host, port) = database.dial_address();
         let _ = write!(
             ini,
             "{} = host={} port={} dbname={} user={} password={}",
             database.name,
-            quote_value(&target.host),
-            target.port,
+            quote_value(host),
+            port,
             quote_value(&database.dbname),
             quote_value(&target.user),
             quote_value(token.expose()),
@@ -149,11 +150,10 @@ pub fn auth_query_databases_ini(
     for database in databases {
         let auth_entry = auth_database_name(&database.name);
         let (host, server_port, dbname) = match route {
-            ServerRoute::Direct => (
-                database.target.host.as_str(),
-                database.target.port,
-                &database.dbname,
-            ),
+            ServerRoute::Direct => {
+                let (host, port) = database.dial_address();
+                (host, port, &database.dbname)
+            }
             ServerRoute::Relay { host, port } => (host, port, &database.name),
         };
         let _ = write!(
@@ -285,6 +285,7 @@ pub(crate) mod tests {
                 user: user.into(),
                 region: "eu-west-1".into(),
             },
+            dial: None,
             allowed_users: vec![user.into()],
             options: vec![("pool_mode".into(), "transaction".into())],
         }

@@ -108,7 +108,8 @@ pub(super) async fn forward(
     sent.await.map_err(|e| {
         format!(
             "sending a cancel request to {}:{}: {e}",
-            upstream.host, upstream.port
+            upstream.dial_address().0,
+            upstream.dial_address().1,
         )
     })
 }
@@ -121,6 +122,7 @@ mod tests {
         Upstream {
             host: host.into(),
             port: 5432,
+            dial: None,
             region: "us-east-1".into(),
             database: "appdb".into(),
             users: Vec::new(),

@@ -45,6 +45,7 @@ pub fn fuzz_relay(data: &[u8]) {
         let target = Upstream {
             host: "127.0.0.1".into(),
             port: 1,
+            dial: None,
             region: "us-east-1".into(),
             database: "appdb".into(),
             users: vec!["app_user".into()],

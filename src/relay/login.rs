@@ -220,6 +220,7 @@ mod tests {
         let target = Upstream {
             host: "db.example".into(),
             port: 5432,
+            dial: None,
             region: "us-east-1".into(),
             database: "appdb".into(),
             users: vec!["app_user".into()],

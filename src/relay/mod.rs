@@ -97,16 +97,30 @@ pub trait LoginTokens: Send + Sync + 'static {
 /// Where a target's connections go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// Host name (or address) to connect to; also the name its certificate must carry and
-    /// the host the token is minted for, so it must be the name clients use for RDS.
+    /// The RDS endpoint name: the name its certificate must carry and the host the token is
+    /// minted for. Connections go there too unless `dial` says otherwise.
     pub host: String,
+    /// The port the token is minted for, and connected to unless `dial` says otherwise.
     pub port: u16,
+    /// Where to connect when that is not `host:port`: an NLB, a tunnel, a port-forward. The
+    /// certificate is still verified against `host`.
+    pub dial: Option<(String, u16)>,
     /// Region the token is signed for.
     pub region: String,
     /// Database name sent upstream in place of the target's name.
     pub database: String,
     /// The IAM users PgBouncer may log in as through this target: the entry's allow-list.
     pub users: Vec<String>,
+}
+
+impl Upstream {
+    /// The host and port connections to this target go to.
+    pub fn dial_address(&self) -> (&str, u16) {
+        match &self.dial {
+            Some((host, port)) => (host, *port),
+            None => (&self.host, self.port),
+        }
+    }
 }
 
 /// What bounds each connection and the relay as a whole.

@@ -1,4 +1,5 @@
-//! The connection to an upstream server: TCP, SSLRequest, then TLS with verify-full.
+//! The connection to an upstream server: TCP, SSLRequest, then TLS with verify-full against
+//! the RDS endpoint name, wherever the connection goes.
 
 use super::Upstream;
 use bytes::BytesMut;
@@ -17,8 +18,9 @@ pub(super) async fn connect(
     upstream: &Upstream,
     tls: &TlsConnector,
 ) -> Result<UpstreamStream, String> {
-    let addr = format!("{}:{}", upstream.host, upstream.port);
-    let mut tcp = TcpStream::connect((upstream.host.as_str(), upstream.port))
+    let (host, port) = upstream.dial_address();
+    let addr = format!("{host}:{port}");
+    let mut tcp = TcpStream::connect((host, port))
         .await
         .map_err(|e| format!("could not connect to {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
