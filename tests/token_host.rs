@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use support::client::{connect, scalar};
-use support::daemon::Daemon;
+use support::daemon::{Daemon, command, database_flags};
 use support::{STANDIN_HOST, Standin, free_port, test_dir};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -188,4 +188,43 @@ async fn the_relay_verifies_the_certificate_against_the_token_host() {
         Vec::new(),
         "IAM was reached"
     );
+}
+
+/// `check` with the single-database flags: `--token-host` (and `AWS_PGBOUNCER_TOKEN_PORT`) sign
+/// for the stand-in while `--host`/`--port` dial the port-forward; without them the token is
+/// signed for the dialed address and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_signs_for_the_token_host_flags_and_dials_the_host_flags() {
+    let standin = Standin::start();
+    let forward = PortForward::start(standin.port()).await;
+    let run = |token_host: Option<&str>, token_port: Option<u16>| {
+        let mut check = command(Some(&standin.static_creds()));
+        // The stand-in's database, dialed at the port-forward.
+        let mut flags = database_flags(&standin, free_port(), 20);
+        for (flag, value) in [
+            ("--host", "127.0.0.1".to_owned()),
+            ("--port", forward.port.to_string()),
+        ] {
+            let at = flags.iter().position(|given| given == flag).unwrap();
+            flags[at + 1] = value;
+        }
+        check.arg("check").args(flags);
+        if let Some(host) = token_host {
+            check.args(["--token-host", host]);
+        }
+        if let Some(port) = token_port {
+            check.env("AWS_PGBOUNCER_TOKEN_PORT", port.to_string());
+        }
+        async move {
+            let output = tokio::process::Command::from(check).output().await.unwrap();
+            let text = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            (output.status.success(), text)
+        }
+    };
+    let (ok, text) = run(Some(STANDIN_HOST), Some(standin.port())).await;
+    assert!(ok && text.contains("OK    appdb"), "{text}");
+    assert!(forward.carried() > 0, "check did not dial the host");
+    let (ok, text) = run(None, None).await;
+    assert!(!ok && text.contains("PAM authentication failed"), "{text}");
 }
