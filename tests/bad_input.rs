@@ -294,6 +294,14 @@ fn database_names_that_pg_hba_reads_as_keywords_are_refused() {
 }
 
 #[test]
+fn an_empty_token_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{ONE_DATABASE}token_host = \"\"\n");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(&output, 1, "database app: token_host is empty");
+}
+
+#[test]
 fn relay_limits_of_zero_are_refused() {
     for (key, flag, words) in [
         (

@@ -250,9 +250,14 @@ async fn resolve_database(
 ) -> Result<Database, String> {
     let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
     check_database_name(&name)?;
-    if entry.host.is_empty() || entry.dbname.is_empty() || entry.token_host.as_deref() == Some("") {
+    if entry.host.is_empty() || entry.dbname.is_empty() {
         return Err(format!(
-            "database {name}: host, token_host and dbname must not be empty"
+            "database {name}: host and dbname must not be empty"
+        ));
+    }
+    if entry.token_host.as_deref() == Some("") {
+        return Err(format!(
+            "database {name}: token_host is empty: leave it out to sign tokens for host"
         ));
     }
     let allowed_users: Vec<String> = match mode {
