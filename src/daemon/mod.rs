@@ -101,12 +101,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         settings.token_lifetime,
         running_mode::presenter(&settings.mode),
     );
-    let targets = settings
-        .databases
-        .iter()
-        .map(|db| db.target.clone())
-        .collect();
-    let state = Arc::new(DaemonState::new(source.clone(), targets));
+    let state = Arc::new(DaemonState::new(source.clone(), &settings.databases));
     let weak_source = Arc::downgrade(&source);
     let metrics = Arc::new(Metrics::new(&settings.databases, move || {
         weak_source

@@ -3,6 +3,7 @@
 //! Readiness never asks AWS or the database; it reads state the daemon keeps anyway, so a
 //! probe storm costs nothing and a slow STS cannot make a pod flap.
 
+use crate::config::Database;
 use crate::http::{Probes, Readiness};
 use crate::token::{TokenKey, TokenSource};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,15 @@ pub struct DaemonState {
 }
 
 impl DaemonState {
-    pub fn new(source: Arc<TokenSource>, targets: Vec<TokenKey>) -> Self {
+    /// Ready needs a usable token for every allowed user of every database: in auth-query
+    /// and passthrough mode each is a login PgBouncer may need at any moment.
+    pub fn new(source: Arc<TokenSource>, databases: &[Database]) -> Self {
+        let mut targets: Vec<TokenKey> = Vec::new();
+        for key in databases.iter().flat_map(Database::allowed_keys) {
+            if !targets.contains(&key) {
+                targets.push(key);
+            }
+        }
         Self {
             source,
             targets,
@@ -82,5 +91,41 @@ impl Probes for DaemonState {
             ready: reasons.is_empty(),
             reasons,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DaemonState;
+    use crate::http::Probes;
+    use crate::pgbouncer::render::tests::database;
+    use crate::token::{CredentialCache, Presenter, TokenSource};
+    use aws_credential_types::Credentials;
+    use aws_credential_types::provider::SharedCredentialsProvider;
+    use std::time::Duration;
+
+    #[test]
+    fn readiness_names_every_allowed_user_without_a_token() {
+        let credentials = Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+        let lifetime = Duration::from_secs(900);
+        let source = TokenSource::new(
+            CredentialCache::new(SharedCredentialsProvider::new(credentials), lifetime),
+            lifetime,
+            Presenter::PgBouncer,
+        );
+        let mut shared = database("app", "app_user");
+        shared.allowed_users.push("reporter".into());
+        // The same key twice (another entry for app_user on the same host) is one target.
+        let mut again = database("app_again", "app_user");
+        again.dbname = shared.dbname.clone();
+        let state = DaemonState::new(source, &[shared, again]);
+        let reasons = state.readiness().reasons;
+        let without_token: Vec<&String> = reasons
+            .iter()
+            .filter(|reason| reason.starts_with("no valid token for"))
+            .collect();
+        assert_eq!(without_token.len(), 2, "{reasons:?}");
+        assert!(without_token[0].contains("app_user@"), "{reasons:?}");
+        assert!(without_token[1].contains("reporter@"), "{reasons:?}");
     }
 }
