@@ -16,6 +16,7 @@ fn key() -> TokenKey {
         host: "mydb.cluster-abc123.us-east-1.rds.amazonaws.com".into(),
         port: 5432,
         user: "app+user@example".into(),
+        role: None,
         region: "us-east-1".into(),
     }
 }

@@ -180,6 +180,15 @@ pub struct RunArgs {
     /// The region tokens are signed for; else AWS_REGION, the AWS profile, or the host name.
     #[arg(long, env = "AWS_PGBOUNCER_REGION")]
     pub region: Option<String>,
+    /// An IAM role (possibly in another account) to assume for signing the tokens.
+    #[arg(long, env = "AWS_PGBOUNCER_ROLE_ARN")]
+    pub role_arn: Option<String>,
+    /// The external ID the role's trust policy asks for (with --role-arn).
+    #[arg(long, env = "AWS_PGBOUNCER_EXTERNAL_ID")]
+    pub external_id: Option<String>,
+    /// The session name the assumed role shows in CloudTrail (with --role-arn).
+    #[arg(long, env = "AWS_PGBOUNCER_ROLE_SESSION_NAME")]
+    pub role_session_name: Option<String>,
     /// Where PgBouncer serves applications [default: 127.0.0.1:6432].
     #[arg(long, env = "AWS_PGBOUNCER_LISTEN")]
     pub listen: Option<String>,

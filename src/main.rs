@@ -70,6 +70,7 @@ async fn print_token(args: TokenArgs) -> Result<(), String> {
                 port,
                 user,
                 region,
+                role: None,
             };
             token::mint(&credentials, &key, now, expires_in)
         }

@@ -45,6 +45,7 @@ fn target() -> TokenKey {
         port: 5432,
         user: "app_user".to_owned(),
         region: "us-east-1".to_owned(),
+        role: None,
     }
 }
 

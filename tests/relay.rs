@@ -43,6 +43,7 @@ fn upstream(standin: &Standin, host: &str, port: u16) -> Upstream {
         region: standin.region().into(),
         database: "appdb".into(),
         users: vec!["app_user".into(), "reporter".into(), "password_user".into()],
+        role: None,
     }
 }
 

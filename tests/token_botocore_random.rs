@@ -238,6 +238,7 @@ fn random_target(rng: &mut StdRng) -> (Target, u64) {
         port,
         user: random_user(rng),
         region,
+        role: None,
     };
     let expires_in = if rng.random_bool(0.3) {
         900

@@ -99,6 +99,7 @@ fn cases(regions: &[&str]) -> Vec<Case> {
                         port: 5432,
                         user: "app_user".into(),
                         region: inferred.clone().expect("checked above"),
+                        role: None,
                     },
                     epoch,
                 });

@@ -42,6 +42,7 @@ fn key(standin: &Standin, user: &str) -> TokenKey {
         port: standin.port(),
         user: user.to_owned(),
         region: standin.region().to_owned(),
+        role: None,
     }
 }
 

@@ -49,6 +49,7 @@ fn every_vector_is_reproduced_byte_for_byte() {
             port: v["port"].as_u64().expect("port").try_into().expect("u16"),
             user: str_field(v, "user").to_owned(),
             region: str_field(v, "region").to_owned(),
+            role: None,
         };
         let signed_at = UNIX_EPOCH + Duration::from_secs(v["epoch"].as_u64().expect("epoch"));
         let token = mint(&credentials, &key, signed_at, Duration::from_secs(900))

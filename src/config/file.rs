@@ -50,6 +50,10 @@ pub struct DatabaseEntry {
     #[serde(default)]
     pub users: Vec<String>,
     pub region: Option<String>,
+    /// Cross-account: the IAM role assumed to sign this entry's tokens.
+    pub role_arn: Option<String>,
+    pub external_id: Option<String>,
+    pub role_session_name: Option<String>,
     /// Per-database PgBouncer options (`pool_size`, `pool_mode`, ...), appended to the entry.
     #[serde(default)]
     pub options: BTreeMap<String, toml::Value>,

@@ -11,7 +11,7 @@ use super::{
     Mode, ModeSettings, PassthroughSettings, Settings, TlsMode,
 };
 use crate::cli::RunArgs;
-use crate::token::{TokenKey, resolve_region};
+use crate::token::{AssumedRole, TokenKey, resolve_region};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -239,6 +239,9 @@ fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> 
         user,
         users: args.allow_users.clone(),
         region: None,
+        role_arn: args.role_arn.clone(),
+        external_id: args.external_id.clone(),
+        role_session_name: args.role_session_name.clone(),
         options: Default::default(),
     }))
 }
@@ -298,6 +301,12 @@ async fn resolve_database(
         .map_err(|error| format!("database {name}: {error}"))?;
     let dial = (entry.host != token_host || port != token_port).then_some((entry.host, port));
     let options = database_options(&name, &entry.options)?;
+    let role = assumed_role(
+        &name,
+        entry.role_arn,
+        entry.external_id,
+        entry.role_session_name,
+    )?;
     Ok(Database {
         name,
         dbname: entry.dbname,
@@ -306,11 +315,43 @@ async fn resolve_database(
             port: token_port,
             user: first_user,
             region,
+            role,
         },
         dial,
         allowed_users,
         options,
     })
+}
+
+/// The entry's role, if it names one. The ARN's form is checked here, so that a typo is a
+/// start-up error rather than an AssumeRole failure on every refresh.
+fn assumed_role(
+    name: &str,
+    arn: Option<String>,
+    external_id: Option<String>,
+    session_name: Option<String>,
+) -> Result<Option<AssumedRole>, String> {
+    let Some(arn) = arn else {
+        return match (external_id, session_name) {
+            (None, None) => Ok(None),
+            _ => Err(format!(
+                "database {name}: external_id and role_session_name need role_arn"
+            )),
+        };
+    };
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    if parts.len() != 6 || parts[0] != "arn" || parts[2] != "iam" || !parts[5].starts_with("role/")
+    {
+        return Err(format!(
+            "database {name}: role_arn {arn:?} is not an IAM role ARN \
+             (arn:PARTITION:iam::ACCOUNT:role/NAME)"
+        ));
+    }
+    Ok(Some(AssumedRole {
+        arn,
+        external_id,
+        session_name,
+    }))
 }
 
 /// Without `[[clients]]`, applications log in as the IAM user names, without a password, from

@@ -112,6 +112,7 @@ fn relay_config(
                 region: db.target.region.clone(),
                 database: db.dbname.clone(),
                 users: db.allowed_users.clone(),
+                role: db.target.role.clone(),
             };
             (db.name.clone(), upstream)
         })

@@ -12,6 +12,7 @@ impl LoginTokens for Arc<TokenSource> {
             port: upstream.port,
             user: user.to_owned(),
             region: upstream.region.clone(),
+            role: upstream.role.clone(),
         };
         let fresh = TokenSource::token(self, &key)
             .await

@@ -284,6 +284,7 @@ pub(crate) mod tests {
                 port: 5432,
                 user: user.into(),
                 region: "eu-west-1".into(),
+                role: None,
             },
             dial: None,
             allowed_users: vec![user.into()],

@@ -126,6 +126,7 @@ mod tests {
             region: "us-east-1".into(),
             database: "appdb".into(),
             users: Vec::new(),
+            role: None,
         }
     }
 

@@ -49,6 +49,7 @@ pub fn fuzz_relay(data: &[u8]) {
             region: "us-east-1".into(),
             database: "appdb".into(),
             users: vec!["app_user".into()],
+            role: None,
         };
         let config = RelayConfig {
             secret: "relay-secret".to_owned().into(),

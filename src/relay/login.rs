@@ -224,6 +224,7 @@ mod tests {
             region: "us-east-1".into(),
             database: "appdb".into(),
             users: vec!["app_user".into()],
+            role: None,
         };
         let params = StartupParams(vec![
             ("user".into(), "app_user".into()),

@@ -111,6 +111,8 @@ pub struct Upstream {
     pub database: String,
     /// The IAM users PgBouncer may log in as through this target: the entry's allow-list.
     pub users: Vec<String>,
+    /// The role whose credentials sign the tokens; `None` for the daemon's own.
+    pub role: Option<crate::token::AssumedRole>,
 }
 
 impl Upstream {

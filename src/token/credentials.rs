@@ -52,6 +52,15 @@ impl CredentialCache {
         }
     }
 
+    /// A cache of its own for `role`'s credentials, assumed with this cache's provider and
+    /// kept fresh by the same rules.
+    pub async fn assuming(&self, role: &super::AssumedRole, region: &str) -> Self {
+        Self::new(
+            role.provider(self.provider.clone(), region).await,
+            self.wanted_life,
+        )
+    }
+
     /// Credentials good for signing now, fetched afresh only when the held ones would cut a
     /// token short. When the fetch fails, the held credentials are still used while they have
     /// `min_life` left; the caller sees the failure only when nothing usable remains.

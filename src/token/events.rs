@@ -68,6 +68,7 @@ mod tests {
             port: 5432,
             user: user.to_owned(),
             region: "eu-west-1".to_owned(),
+            role: None,
         }
     }
 

@@ -5,6 +5,7 @@ mod dsql;
 mod events;
 mod health;
 mod region;
+mod role;
 mod signer;
 mod source;
 
@@ -13,6 +14,7 @@ pub use dsql::{DsqlAction, DsqlKey, mint_dsql};
 pub use events::{Changed, KeyEvents};
 pub use health::{KeyHealth, TokenError};
 pub use region::{RegionError, region_from_host, resolve_region};
+pub use role::AssumedRole;
 pub use signer::{MAX_TOKEN_BYTES, MintError, check_pgbouncer_limit, mint};
 pub use source::{FreshToken, Presenter, TokenSource};
 
@@ -63,6 +65,8 @@ pub struct TokenKey {
     pub port: u16,
     pub user: String,
     pub region: String,
+    /// The role whose credentials sign the token; `None` for the daemon's own credentials.
+    pub role: Option<AssumedRole>,
 }
 
 impl fmt::Display for TokenKey {
@@ -71,7 +75,11 @@ impl fmt::Display for TokenKey {
             f,
             "{}@{}:{} ({})",
             self.user, self.host, self.port, self.region
-        )
+        )?;
+        match &self.role {
+            Some(role) => write!(f, " as {role}"),
+            None => Ok(()),
+        }
     }
 }
 

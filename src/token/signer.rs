@@ -248,6 +248,7 @@ mod tests {
             port: 5432,
             user: "app_user".into(),
             region: "us-east-1".into(),
+            role: None,
         }
     }
 
@@ -350,6 +351,7 @@ mod tests {
         for region in ["", "US-EAST-1", "us east 1", "us-east-1/x"] {
             let k = TokenKey {
                 region: region.into(),
+                role: None,
                 ..key()
             };
             let err = mint(&creds(None), &k, at(), Duration::from_secs(900)).unwrap_err();

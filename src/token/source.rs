@@ -11,7 +11,7 @@
 use super::credentials::{CredentialCache, minimum_life};
 use super::events::{BACKLOG, KeyEvents};
 use super::health::{KeyHealth, TokenError};
-use super::{AuthToken, TokenKey, check_pgbouncer_limit, mint};
+use super::{AssumedRole, AuthToken, TokenKey, check_pgbouncer_limit, mint};
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
@@ -61,7 +61,10 @@ impl FreshToken {
 }
 
 pub struct TokenSource {
+    /// The daemon's own credentials, for keys without a role.
     credentials: CredentialCache,
+    /// One cache per role and STS region, made on the first key that names them.
+    role_credentials: tokio::sync::Mutex<HashMap<(AssumedRole, String), Arc<CredentialCache>>>,
     lifetime: Duration,
     presenter: Presenter,
     cache: Cache<TokenKey, Arc<FreshToken>>,
@@ -88,6 +91,7 @@ impl TokenSource {
         let cache = Cache::builder().expire_after(UntilStale).build();
         Arc::new(Self {
             credentials,
+            role_credentials: tokio::sync::Mutex::default(),
             lifetime,
             presenter,
             cache,
@@ -175,7 +179,10 @@ impl TokenSource {
     }
 
     async fn mint_now(&self, key: &TokenKey) -> Result<FreshToken, TokenError> {
-        let credentials = self.credentials.get().await?;
+        let credentials = match &key.role {
+            None => self.credentials.get().await?,
+            Some(role) => self.role_cache(role, &key.region).await.get().await?,
+        };
         let token = mint(&credentials, key, SystemTime::now(), self.lifetime)
             .and_then(|token| match self.presenter {
                 Presenter::PgBouncer => check_pgbouncer_limit(&token, &credentials).map(|()| token),
@@ -191,6 +198,17 @@ impl TokenSource {
             credentials.expiry(),
             self.lifetime,
         ))
+    }
+
+    async fn role_cache(&self, role: &AssumedRole, region: &str) -> Arc<CredentialCache> {
+        let mut caches = self.role_credentials.lock().await;
+        let id = (role.clone(), region.to_owned());
+        if let Some(cache) = caches.get(&id) {
+            return cache.clone();
+        }
+        let cache = Arc::new(self.credentials.assuming(role, region).await);
+        caches.insert(id, cache.clone());
+        cache
     }
 
     fn record_success(&self, key: &TokenKey, fresh: &FreshToken) {
