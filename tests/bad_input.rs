@@ -274,6 +274,27 @@ fn an_allow_list_is_not_for_config_mode() {
     );
 }
 
+/// A role ARN is checked at start-up: a typo would otherwise be an AssumeRole failure at every
+/// refresh, and an external ID without a role would be silently unused.
+#[test]
+fn a_malformed_role_or_an_external_id_without_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{ONE_DATABASE}role_arn = \"arn:aws:iam::123456789012:user/app\"\n");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(
+        &output,
+        1,
+        "database app: role_arn \"arn:aws:iam::123456789012:user/app\" is not an IAM role ARN",
+    );
+    let config = format!("{ONE_DATABASE}external_id = \"x\"\n");
+    let output = run_in(dir.path(), &config, &[]);
+    assert_refused(
+        &output,
+        1,
+        "database app: external_id and role_session_name need role_arn",
+    );
+}
+
 /// `pg_hba.conf` reads an unquoted `all` as every database: an entry named so would have
 /// turned the passwordless loopback rule into one for every database, the auth entry's too.
 #[test]

@@ -19,9 +19,7 @@ use support::{Standin, wait_until};
 const LIFETIME: Duration = Duration::from_secs(20);
 
 fn akid_of(fresh: &FreshToken) -> String {
-    let text = fresh.token.expose();
-    let start = text.find("X-Amz-Credential=").expect("credential") + "X-Amz-Credential=".len();
-    text[start..].split("%2F").next().unwrap().to_owned()
+    support::token_akid(fresh.token.expose())
 }
 
 async fn new_source() -> Arc<TokenSource> {

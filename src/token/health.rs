@@ -1,9 +1,9 @@
 //! What readiness and metrics know about each key: read from a snapshot at each probe and
 //! scrape, never pushed, so that neither can show a state that has since changed.
 
-use super::MintError;
 use super::credentials::minimum_life;
 use super::source::FreshToken;
+use super::{AssumedRole, MintError};
 use crate::error_text::one_line;
 use aws_credential_types::provider::error::CredentialsError;
 use std::collections::BTreeMap;
@@ -32,6 +32,18 @@ impl TokenError {
                 MintError::TooLong { .. } => "token_too_long",
                 _ => "mint",
             },
+        }
+    }
+
+    /// The same error, naming the role whose credentials could not be had: the SDK's text
+    /// alone ("connection refused", "access denied") does not say which of several roles.
+    pub fn assuming(self, role: &AssumedRole) -> Self {
+        match self {
+            TokenError::Credentials { cause, message } => TokenError::Credentials {
+                cause,
+                message: format!("assuming role {role}: {message}"),
+            },
+            other => other,
         }
     }
 }

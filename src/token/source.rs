@@ -181,7 +181,8 @@ impl TokenSource {
     async fn mint_now(&self, key: &TokenKey) -> Result<FreshToken, TokenError> {
         let credentials = match &key.role {
             None => self.credentials.get().await?,
-            Some(role) => self.role_cache(role, &key.region).await.get().await?,
+            Some(role) => (self.role_cache(role, &key.region).await.get().await)
+                .map_err(|error| TokenError::from(error).assuming(role))?,
         };
         let token = mint(&credentials, key, SystemTime::now(), self.lifetime)
             .and_then(|token| match self.presenter {

@@ -1072,9 +1072,13 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
+        Self::start_on(free_port())
+    }
+
+    /// On a port chosen beforehand: for a client configured while the server is still down.
+    pub fn start_on(port: u16) -> Moto {
         let tb = Testbed::locate();
         let dir = test_dir("moto");
-        let port = free_port();
         let log = dir.path().join("moto.log");
         let mut cmd = Command::new(&tb.moto_server);
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -1135,6 +1139,12 @@ print(json.dumps({"akid": k["AccessKeyId"], "secret": k["SecretAccessKey"], "tok
             session_token: v["token"].as_str().map(Into::into),
         }
     }
+}
+
+/// The access key id a token was signed with (its X-Amz-Credential's first part).
+pub fn token_akid(token: &str) -> String {
+    let start = token.find("X-Amz-Credential=").expect("credential") + "X-Amz-Credential=".len();
+    token[start..].split("%2F").next().unwrap().to_owned()
 }
 
 /// Reads a whole file, or "" if it does not exist.
