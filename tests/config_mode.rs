@@ -229,25 +229,14 @@ fn twelve_users_settings() -> String {
     settings
 }
 
-/// The sum of every `/metrics` sample whose name (and labels) start with `prefix`.
-fn metric_sum(daemon: &Daemon, prefix: &str) -> f64 {
-    let (_, body) = daemon
-        .http_get("/metrics")
-        .expect("the daemon serves /metrics");
-    body.lines()
-        .filter(|line| line.starts_with(prefix))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn refreshes_of_many_entries_share_their_reloads() {
     let standin = Standin::start();
     let work = test_dir("config-mode-reloads");
     let settings = twelve_users_settings();
     let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), &settings);
-    let refreshes = || metric_sum(&daemon, "aws_pgbouncer_token_refreshes_total{");
-    let reloads = || metric_sum(&daemon, "aws_pgbouncer_pgbouncer_reloads_total");
+    let refreshes = || daemon.metric_total("aws_pgbouncer_token_refreshes_total{");
+    let reloads = || daemon.metric_total("aws_pgbouncer_pgbouncer_reloads_total");
     let (refreshes_at_start, reloads_at_start) = (refreshes(), reloads());
     let started = Instant::now();
     // Two rounds of refreshes: every key's token replaced twice.

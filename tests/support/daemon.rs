@@ -189,11 +189,26 @@ impl Daemon {
 
     /// The value of the first `/metrics` line starting with `prefix` (name and labels).
     pub fn metric(&self, prefix: &str) -> Option<f64> {
+        self.metric_samples(prefix)?.into_iter().next()
+    }
+
+    /// The sum of every `/metrics` sample starting with `prefix`: a counter over all its
+    /// series.
+    pub fn metric_total(&self, prefix: &str) -> f64 {
+        self.metric_samples(prefix)
+            .expect("the daemon serves /metrics")
+            .iter()
+            .sum()
+    }
+
+    fn metric_samples(&self, prefix: &str) -> Option<Vec<f64>> {
         let (_, body) = self.http_get("/metrics")?;
-        body.lines()
-            .find(|line| line.starts_with(prefix))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|value| value.parse().ok())
+        Some(
+            body.lines()
+                .filter(|line| line.starts_with(prefix))
+                .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+                .collect(),
+        )
     }
 
     pub fn log(&self) -> String {
