@@ -56,17 +56,6 @@ fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-fn token_in_use(dir: &Path) -> String {
-    let ini = std::fs::read_to_string(dir.join("databases.ini")).unwrap();
-    ini.split("password='")
-        .nth(1)
-        .unwrap()
-        .split('\'')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 /// One query as a new client, after killing the idle server connections so that PgBouncer
 /// must log in to the stand-in with whatever token it holds now.
 async fn fresh_login_query(standin: &Standin, listen_port: u16) -> Result<(), String> {
@@ -258,10 +247,10 @@ async fn pgbouncer_killed_and_restarted_beside_the_daemon() {
         }),
         "readiness did not notice PgBouncer was gone"
     );
-    let before = token_in_use(&daemon.pgbouncer_dir);
-    assert!(wait_until(Duration::from_secs(15), || token_in_use(
-        &daemon.pgbouncer_dir
-    ) != before));
+    let before = daemon.token_in_use();
+    assert!(wait_until(Duration::from_secs(15), || daemon
+        .token_in_use()
+        != before));
 
     pgbouncer.restart();
     let reloads = daemon.count_in_log("PgBouncer reloaded");

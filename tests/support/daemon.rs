@@ -111,6 +111,18 @@ impl Daemon {
         listen_port: u16,
         settings: &str,
     ) -> Daemon {
+        Self::spawn_supervised_in_env(work, standin, creds, &[], listen_port, settings)
+    }
+
+    /// As `spawn_supervised_with`, with extra environment variables (an STS endpoint, say).
+    pub fn spawn_supervised_in_env(
+        work: &Path,
+        standin: &Standin,
+        creds: &Creds,
+        env: &[(&str, &str)],
+        listen_port: u16,
+        settings: &str,
+    ) -> Daemon {
         let config = work.join("aws-pgbouncer.toml");
         let text = format!(
             "listen = \"127.0.0.1:{listen_port}\"\nserver_ca_file = \"{}\"\nregion = \"{}\"\n{}",
@@ -119,9 +131,10 @@ impl Daemon {
             settings.replace("{standin_port}", &standin.port().to_string()),
         );
         write_file(&config, &text, 0o644);
-        Daemon::start(
+        Daemon::start_with_env(
             work,
-            creds,
+            Some(creds),
+            env,
             &["--supervise", "--config", config.to_str().unwrap()],
         )
     }
@@ -209,6 +222,18 @@ impl Daemon {
                 .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
                 .collect(),
         )
+    }
+
+    /// The password (token) of the first entry in the `databases.ini` it renders (config mode).
+    pub fn token_in_use(&self) -> String {
+        let ini = fs::read_to_string(self.pgbouncer_dir.join("databases.ini")).unwrap();
+        ini.split("password='")
+            .nth(1)
+            .expect("a password in databases.ini")
+            .split('\'')
+            .next()
+            .unwrap()
+            .to_owned()
     }
 
     pub fn log(&self) -> String {

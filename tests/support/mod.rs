@@ -15,6 +15,7 @@ pub mod client;
 pub mod credentials_server;
 pub mod daemon;
 pub mod flood;
+pub mod sts_recorder;
 
 use std::collections::HashSet;
 use std::ffi::CString;
