@@ -189,6 +189,10 @@ pub struct RunArgs {
     /// The session name the assumed role shows in CloudTrail (with --role-arn).
     #[arg(long, env = "AWS_PGBOUNCER_ROLE_SESSION_NAME")]
     pub role_session_name: Option<String>,
+    /// How long the role's credentials live, in seconds (STS's DurationSeconds; AWS accepts
+    /// 900 to 43200, capped by the role's MaxSessionDuration) [default: STS's, one hour].
+    #[arg(long, env = "AWS_PGBOUNCER_ROLE_DURATION_SECONDS")]
+    pub role_duration_seconds: Option<u64>,
     /// Where PgBouncer serves applications [default: 127.0.0.1:6432].
     #[arg(long, env = "AWS_PGBOUNCER_LISTEN")]
     pub listen: Option<String>,

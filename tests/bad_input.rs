@@ -291,8 +291,31 @@ fn a_malformed_role_or_an_external_id_without_one_is_refused() {
     assert_refused(
         &output,
         1,
-        "database app: external_id and role_session_name need role_arn",
+        "database app: external_id, role_session_name and role_duration_seconds need role_arn",
     );
+}
+
+/// Role sessions longer than AWS's maximum never come; shorter than three times the least
+/// usable token life (a tenth of the lifetime), their tokens would be withdrawn before renewal.
+#[test]
+fn a_role_session_out_of_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let role = "role_arn = \"arn:aws:iam::123456789012:role/db\"\n";
+    for (lifetime, seconds, shortest) in [(900, 269, 270), (60, 17, 18), (60, 43_201, 18)] {
+        let config = format!(
+            "token_lifetime = {lifetime}\n{ONE_DATABASE}{role}role_duration_seconds = {seconds}\n"
+        );
+        let output = run_in(dir.path(), &config, &[]);
+        assert_refused(
+            &output,
+            1,
+            &format!(
+                "database app: role_duration_seconds {seconds} is out of range: AWS STS accepts \
+                 900 to 43200 (and at most the role's MaxSessionDuration); with {lifetime} s \
+                 tokens the daemon needs at least {shortest}"
+            ),
+        );
+    }
 }
 
 /// `pg_hba.conf` reads an unquoted `all` as every database: an entry named so would have

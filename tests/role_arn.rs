@@ -29,6 +29,7 @@ fn key(standin: &Standin, role: Option<&str>) -> TokenKey {
             arn: arn.to_owned(),
             external_id: Some("role-arn-test".to_owned()),
             session_name: Some("aws-pgbouncer-test".to_owned()),
+            session_length: None,
         }),
     }
 }

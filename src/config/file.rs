@@ -54,6 +54,8 @@ pub struct DatabaseEntry {
     pub role_arn: Option<String>,
     pub external_id: Option<String>,
     pub role_session_name: Option<String>,
+    /// How long the role's credentials live (STS's DurationSeconds).
+    pub role_duration_seconds: Option<u64>,
     /// Per-database PgBouncer options (`pool_size`, `pool_mode`, ...), appended to the entry.
     #[serde(default)]
     pub options: BTreeMap<String, toml::Value>,

@@ -2,11 +2,12 @@
 //! variables, merged and checked once at start, before anything is written.
 //!
 //! `file` reads the TOML file, `resolve` merges it with the flags, `validate` holds the checks
-//! on names and values that go into PgBouncer's files.
+//! on names and values that go into PgBouncer's files, `role` those on cross-account roles.
 
 mod file;
 mod mode;
 mod resolve;
+mod role;
 mod validate;
 
 pub use file::{ClientEntry, ConfigFile, DatabaseEntry};

@@ -1,6 +1,7 @@
 //! Merging: flags win over their environment variables, which win over the config file, which
 //! wins over the defaults.
 
+use super::role::RoleSettings;
 use super::validate::{
     check_ca_file, check_database_name, check_unique, check_user_name, database_options,
     pgbouncer_settings,
@@ -11,7 +12,7 @@ use super::{
     Mode, ModeSettings, PassthroughSettings, Settings, TlsMode,
 };
 use crate::cli::RunArgs;
-use crate::token::{AssumedRole, TokenKey, resolve_region};
+use crate::token::{TokenKey, resolve_region};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,7 +65,15 @@ impl Settings {
         }
         let mut databases = Vec::with_capacity(entries.len());
         for entry in entries {
-            databases.push(resolve_database(entry, mode.mode(), default_region.as_deref()).await?);
+            databases.push(
+                resolve_database(
+                    entry,
+                    mode.mode(),
+                    default_region.as_deref(),
+                    Duration::from_secs(token_lifetime),
+                )
+                .await?,
+            );
         }
         check_unique(databases.iter().map(|db| db.name.as_str()), "database name")?;
 
@@ -242,6 +251,7 @@ fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> 
         role_arn: args.role_arn.clone(),
         external_id: args.external_id.clone(),
         role_session_name: args.role_session_name.clone(),
+        role_duration_seconds: args.role_duration_seconds,
         options: Default::default(),
     }))
 }
@@ -250,6 +260,7 @@ async fn resolve_database(
     entry: DatabaseEntry,
     mode: Mode,
     default_region: Option<&str>,
+    token_lifetime: Duration,
 ) -> Result<Database, String> {
     let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
     check_database_name(&name)?;
@@ -301,12 +312,13 @@ async fn resolve_database(
         .map_err(|error| format!("database {name}: {error}"))?;
     let dial = (entry.host != token_host || port != token_port).then_some((entry.host, port));
     let options = database_options(&name, &entry.options)?;
-    let role = assumed_role(
-        &name,
-        entry.role_arn,
-        entry.external_id,
-        entry.role_session_name,
-    )?;
+    let role = RoleSettings {
+        arn: entry.role_arn,
+        external_id: entry.external_id,
+        session_name: entry.role_session_name,
+        duration_seconds: entry.role_duration_seconds,
+    }
+    .resolve(&name, token_lifetime)?;
     Ok(Database {
         name,
         dbname: entry.dbname,
@@ -321,37 +333,6 @@ async fn resolve_database(
         allowed_users,
         options,
     })
-}
-
-/// The entry's role, if it names one. The ARN's form is checked here, so that a typo is a
-/// start-up error rather than an AssumeRole failure on every refresh.
-fn assumed_role(
-    name: &str,
-    arn: Option<String>,
-    external_id: Option<String>,
-    session_name: Option<String>,
-) -> Result<Option<AssumedRole>, String> {
-    let Some(arn) = arn else {
-        return match (external_id, session_name) {
-            (None, None) => Ok(None),
-            _ => Err(format!(
-                "database {name}: external_id and role_session_name need role_arn"
-            )),
-        };
-    };
-    let parts: Vec<&str> = arn.splitn(6, ':').collect();
-    if parts.len() != 6 || parts[0] != "arn" || parts[2] != "iam" || !parts[5].starts_with("role/")
-    {
-        return Err(format!(
-            "database {name}: role_arn {arn:?} is not an IAM role ARN \
-             (arn:PARTITION:iam::ACCOUNT:role/NAME)"
-        ));
-    }
-    Ok(Some(AssumedRole {
-        arn,
-        external_id,
-        session_name,
-    }))
 }
 
 /// Without `[[clients]]`, applications log in as the IAM user names, without a password, from

@@ -9,7 +9,7 @@ mod role;
 mod signer;
 mod source;
 
-pub use credentials::{CredentialCache, default_chain};
+pub use credentials::{CredentialCache, default_chain, minimum_life};
 pub use dsql::{DsqlAction, DsqlKey, mint_dsql};
 pub use events::{Changed, KeyEvents};
 pub use health::{KeyHealth, TokenError};

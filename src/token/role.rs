@@ -4,6 +4,7 @@
 use aws_config::sts::AssumeRoleProvider;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use std::fmt;
+use std::time::Duration;
 
 /// The role a token is signed as. Part of the token key: the same login signed as two roles
 /// is two different tokens (and two different IAM policies deciding on it).
@@ -15,6 +16,10 @@ pub struct AssumedRole {
     pub external_id: Option<String>,
     /// Shown in the role's CloudTrail entries; aws-config picks a timestamped one without it.
     pub session_name: Option<String>,
+    /// How long the assumed credentials live (STS's DurationSeconds); STS's default, one hour,
+    /// without it. Tokens signed with them die with them, so the token source re-assumes the
+    /// role before then (see `CredentialCache`).
+    pub session_length: Option<Duration>,
 }
 
 impl AssumedRole {
@@ -33,6 +38,9 @@ impl AssumedRole {
         }
         if let Some(session_name) = &self.session_name {
             builder = builder.session_name(session_name.clone());
+        }
+        if let Some(length) = self.session_length {
+            builder = builder.session_length(length);
         }
         SharedCredentialsProvider::new(builder.build_from_provider(base).await)
     }
