@@ -5,7 +5,8 @@
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_pgbouncer::token::{
-    CredentialCache, DsqlAction, DsqlKey, Presenter, TokenKey, TokenSource, mint, mint_dsql,
+    CredentialCache, DsqlAction, DsqlKey, Presenter, TokenKey, TokenKind, TokenSource, mint,
+    mint_dsql,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 fn key() -> TokenKey {
     TokenKey {
+        kind: TokenKind::Rds,
         host: "mydb.cluster-abc123.us-east-1.rds.amazonaws.com".into(),
         port: 5432,
         user: "app+user@example".into(),

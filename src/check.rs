@@ -8,7 +8,7 @@
 
 use crate::config::{Database, Settings, TlsMode};
 use crate::error_text::one_line;
-use crate::token::{self, TokenKey};
+use crate::token::{self, DsqlAction, TokenKey, TokenKind};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::ProvideCredentials;
 use rustls::client::WebPkiServerVerifier;
@@ -244,13 +244,19 @@ fn diagnose(error: &tokio_postgres::Error, target: &TokenKey, settings: &Setting
     if let Some(db) = error.as_db_error() {
         let message = db.message();
         if message.contains("PAM authentication failed") {
+            let permission = match target.kind {
+                TokenKind::Rds => format!("rds-db:connect on this database's dbuser:.../{user}"),
+                TokenKind::Dsql => format!(
+                    "dsql:{:?} on this cluster (the action for role {user})",
+                    DsqlAction::for_user(user)
+                ),
+            };
             return format!(
                 "the token was refused ({message}). Possible causes: the token is signed for \
                  region {region}, which is not the database's region (set --region); the clock \
                  here is off by minutes (tokens count from their signing time); the IAM identity \
-                 lacks rds-db:connect on this database's dbuser:.../{user}; the host name \
-                 {host} is not the one the database answers to (use the endpoint name, not an \
-                 IP or alias)",
+                 lacks {permission}; the host name {host} is not the one the database answers \
+                 to (use the endpoint name, not an IP or alias)",
                 region = target.region,
                 host = target.host,
             );

@@ -153,7 +153,12 @@ pub struct RunArgs {
     /// pg_hba.conf into [default: /run/aws-pgbouncer].
     #[arg(long, env = "AWS_PGBOUNCER_PGBOUNCER_DIR")]
     pub pgbouncer_dir: Option<std::path::PathBuf>,
-    /// The database host (RDS or Aurora endpoint). Also read from RDS_HOST.
+    /// What the database is, which decides its tokens: RDS (also Aurora and RDS Proxy) or
+    /// Aurora DSQL [default: rds].
+    #[arg(long, env = "AWS_PGBOUNCER_KIND", value_enum)]
+    pub kind: Option<TokenKind>,
+    /// The database host (RDS or Aurora endpoint, DSQL cluster endpoint). Also read from
+    /// RDS_HOST.
     #[arg(long, env = "AWS_PGBOUNCER_HOST")]
     pub host: Option<String>,
     /// The database port [default: 5432]. Also read from DB_PORT.
@@ -166,8 +171,8 @@ pub struct RunArgs {
     /// The port tokens are signed for [default: --port].
     #[arg(long, env = "AWS_PGBOUNCER_TOKEN_PORT")]
     pub token_port: Option<u16>,
-    /// The database name on the server, also the name applications connect to. Also read
-    /// from DB_NAME.
+    /// The database name on the server, also the name applications connect to [default for
+    /// --kind dsql: postgres]. Also read from DB_NAME.
     #[arg(long, env = "AWS_PGBOUNCER_DBNAME")]
     pub dbname: Option<String>,
     /// The IAM database user PgBouncer logs in as. Also read from DB_USERNAME.
@@ -223,8 +228,9 @@ pub struct RunArgs {
     /// The CA bundle that signs the database's certificate (the RDS CA bundle).
     #[arg(long, env = "AWS_PGBOUNCER_SERVER_CA_FILE")]
     pub server_ca_file: Option<std::path::PathBuf>,
-    /// The tokens' lifetime (X-Amz-Expires) in seconds, 1 to 900 [default: 900].
-    #[arg(long, env = "AWS_PGBOUNCER_TOKEN_LIFETIME", value_parser = clap::value_parser!(u64).range(1..=900))]
+    /// The tokens' lifetime (X-Amz-Expires) in seconds: 1 to 900 with RDS databases, to
+    /// 604800 with Aurora DSQL ones only [default: 900].
+    #[arg(long, env = "AWS_PGBOUNCER_TOKEN_LIFETIME", value_parser = clap::value_parser!(u64).range(1..=TokenKind::Dsql.max_expires_in_secs()))]
     pub token_lifetime: Option<u64>,
     /// Start PgBouncer as a child process on the rendered config, as the old single-container
     /// sidecar did, and stop with it.

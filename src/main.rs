@@ -3,7 +3,7 @@ use aws_pgbouncer::cli::{Cli, Command, TokenArgs, TokenFor};
 use aws_pgbouncer::config::Settings;
 use aws_pgbouncer::daemon::Outcome;
 use aws_pgbouncer::error_text::one_line;
-use aws_pgbouncer::token::{self, DsqlKey, TokenKey};
+use aws_pgbouncer::token::{self, DsqlKey, TokenKey, TokenKind};
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -66,6 +66,7 @@ async fn print_token(args: TokenArgs) -> Result<(), String> {
     let minted = match token_for {
         TokenFor::Rds { port, user } => {
             let key = TokenKey {
+                kind: TokenKind::Rds,
                 host: args.host,
                 port,
                 user,

@@ -6,7 +6,7 @@ mod support;
 use aws_pgbouncer::config::Database;
 use aws_pgbouncer::http::{Probes, Readiness, serve};
 use aws_pgbouncer::metrics::Metrics;
-use aws_pgbouncer::token::{KeyHealth, TokenKey};
+use aws_pgbouncer::token::{KeyHealth, TokenKey, TokenKind};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,7 @@ struct Server {
 
 fn target() -> TokenKey {
     TokenKey {
+        kind: TokenKind::Rds,
         host: "localhost".to_owned(),
         port: 5432,
         user: "app_user".to_owned(),

@@ -9,7 +9,7 @@ use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_pgbouncer::endpoint::{self, BoundListener, Listen};
 use aws_pgbouncer::metrics::Metrics;
 use aws_pgbouncer::relay::{self, Limits, RelayConfig, Upstream};
-use aws_pgbouncer::token::{CredentialCache, Presenter, TokenSource};
+use aws_pgbouncer::token::{CredentialCache, Presenter, TokenKind, TokenSource};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -37,6 +37,7 @@ fn token_source(standin: &Standin, lifetime: Duration) -> Arc<TokenSource> {
 
 fn upstream(standin: &Standin, host: &str, port: u16) -> Upstream {
     Upstream {
+        kind: TokenKind::Rds,
         host: host.into(),
         port,
         dial: None,

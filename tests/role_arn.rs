@@ -8,7 +8,8 @@
 mod support;
 
 use aws_pgbouncer::token::{
-    AssumedRole, CredentialCache, FreshToken, Presenter, TokenKey, TokenSource, default_chain,
+    AssumedRole, CredentialCache, FreshToken, Presenter, TokenKey, TokenKind, TokenSource,
+    default_chain,
 };
 use std::time::Duration;
 use support::{Moto, STATIC_AKID, Standin, free_port};
@@ -21,6 +22,7 @@ fn akid_of(fresh: &FreshToken) -> String {
 
 fn key(standin: &Standin, role: Option<&str>) -> TokenKey {
     TokenKey {
+        kind: TokenKind::Rds,
         host: standin.host().to_owned(),
         port: standin.port(),
         user: "app_user".to_owned(),

@@ -7,8 +7,8 @@ mod oracle;
 
 use aws_credential_types::Credentials;
 use aws_pgbouncer::token::{
-    AuthToken, DsqlAction, DsqlKey, MAX_TOKEN_BYTES, MintError, TokenKey, check_pgbouncer_limit,
-    mint, mint_dsql, region_from_host,
+    AuthToken, DsqlAction, DsqlKey, MAX_TOKEN_BYTES, MintError, TokenKey, TokenKind,
+    check_pgbouncer_limit, mint, mint_dsql, region_from_host,
 };
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -234,6 +234,7 @@ fn random_target(rng: &mut StdRng) -> (Target, u64) {
     };
     let host = random_rds_host(rng, &region);
     let key = TokenKey {
+        kind: TokenKind::Rds,
         host: random_case_of_letters(rng, host),
         port,
         user: random_user(rng),

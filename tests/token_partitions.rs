@@ -5,7 +5,7 @@
 mod oracle;
 
 use aws_credential_types::Credentials;
-use aws_pgbouncer::token::{TokenKey, mint, region_from_host};
+use aws_pgbouncer::token::{TokenKey, TokenKind, mint, region_from_host};
 use serde_json::json;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -95,6 +95,7 @@ fn cases(regions: &[&str]) -> Vec<Case> {
                 cases.push(Case {
                     credentials: credentials(session_token),
                     key: TokenKey {
+                        kind: TokenKind::Rds,
                         host: host.clone(),
                         port: 5432,
                         user: "app_user".into(),
@@ -154,6 +155,7 @@ fn a_proxy_token_is_bound_to_the_proxy_host_name() {
         .map(|proxy| Case {
             credentials: proxy.credentials.clone(),
             key: TokenKey {
+                kind: TokenKind::Rds,
                 host: proxy.key.host.replacen(".proxy-", ".cluster-", 1),
                 ..proxy.key.clone()
             },

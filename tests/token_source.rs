@@ -8,7 +8,7 @@
 mod support;
 
 use aws_pgbouncer::token::{
-    CredentialCache, FreshToken, Presenter, TokenKey, TokenSource, default_chain,
+    CredentialCache, FreshToken, Presenter, TokenKey, TokenKind, TokenSource, default_chain,
 };
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -36,6 +36,7 @@ async fn source_with_lifetime(lifetime: Duration) -> Arc<TokenSource> {
 
 fn key(standin: &Standin, user: &str) -> TokenKey {
     TokenKey {
+        kind: TokenKind::Rds,
         host: standin.host().to_owned(),
         port: standin.port(),
         user: user.to_owned(),

@@ -2,7 +2,7 @@
 //! check; `token_botocore_random.rs` covers the wider input space against live botocore.
 
 use aws_credential_types::Credentials;
-use aws_pgbouncer::token::{TokenKey, mint};
+use aws_pgbouncer::token::{TokenKey, TokenKind, mint};
 use serde_json::Value;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -45,6 +45,7 @@ fn every_vector_is_reproduced_byte_for_byte() {
             "vectors",
         );
         let key = TokenKey {
+            kind: TokenKind::Rds,
             host: str_field(v, "host").to_owned(),
             port: v["port"].as_u64().expect("port").try_into().expect("u16"),
             user: str_field(v, "user").to_owned(),

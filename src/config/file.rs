@@ -2,6 +2,7 @@
 //! Unknown keys are errors: a misspelt setting that is silently ignored is how an outage starts.
 
 use super::{Mode, TlsMode};
+use crate::token::TokenKind;
 use secrecy::SecretString;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -36,6 +37,9 @@ pub struct ConfigFile {
 pub struct DatabaseEntry {
     /// The name applications connect to; defaults to `dbname`.
     pub name: Option<String>,
+    /// RDS (the default) or Aurora DSQL: which tokens log in, and DSQL's limits.
+    #[serde(default)]
+    pub kind: TokenKind,
     pub host: String,
     pub port: Option<u16>,
     /// The RDS endpoint name the token is signed for, when `host` is another way to reach it
@@ -43,7 +47,8 @@ pub struct DatabaseEntry {
     pub token_host: Option<String>,
     /// The port the token is signed for; defaults to `port`.
     pub token_port: Option<u16>,
-    pub dbname: String,
+    /// Required for RDS; DSQL's is `postgres`.
+    pub dbname: Option<String>,
     /// Config mode: the IAM database user PgBouncer logs in as.
     pub user: Option<String>,
     /// Auth-query mode: the IAM users that may log in through this entry.

@@ -2,9 +2,11 @@
 //! variables, merged and checked once at start, before anything is written.
 //!
 //! `file` reads the TOML file, `resolve` merges it with the flags, `validate` holds the checks
-//! on names and values that go into PgBouncer's files, `role` those on cross-account roles.
+//! on names and values that go into PgBouncer's files, `role` those on cross-account roles,
+//! `kind` what Aurora DSQL entries change.
 
 mod file;
+mod kind;
 mod mode;
 mod resolve;
 mod role;

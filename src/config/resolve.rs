@@ -1,6 +1,7 @@
 //! Merging: flags win over their environment variables, which win over the config file, which
 //! wins over the defaults.
 
+use super::kind;
 use super::role::RoleSettings;
 use super::validate::{
     check_ca_file, check_database_name, check_unique, check_user_name, database_options,
@@ -12,7 +13,7 @@ use super::{
     Mode, ModeSettings, PassthroughSettings, Settings, TlsMode,
 };
 use crate::cli::RunArgs;
-use crate::token::{TokenKey, resolve_region};
+use crate::token::{TokenKey, TokenKind, resolve_region};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,16 +26,11 @@ impl Settings {
             Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
         };
-        // The flag's range is checked by clap; the file's here.
+        // Each entry's kind limits it (`kind::check_entries`, once the entries are known).
         let token_lifetime = args
             .token_lifetime
             .or(file.token_lifetime)
             .unwrap_or(DEFAULT_TOKEN_LIFETIME);
-        if !(1..=900).contains(&token_lifetime) {
-            return Err(format!(
-                "token lifetime {token_lifetime} s is out of range: RDS accepts 1 to 900 seconds"
-            ));
-        }
         let listen_text = args
             .listen
             .clone()
@@ -76,6 +72,7 @@ impl Settings {
             );
         }
         check_unique(databases.iter().map(|db| db.name.as_str()), "database name")?;
+        kind::check_entries(token_lifetime, mode.mode(), server_tls_mode, &databases)?;
 
         let clients = resolve_clients(file.clients, mode.mode(), &databases)?;
         Ok(Self {
@@ -229,17 +226,18 @@ fn database_from_flags(args: &RunArgs) -> Result<Option<DatabaseEntry>, String> 
         ),
         (None, None) => None,
     };
-    let dbname = args
-        .dbname
-        .clone()
-        .or_else(|| legacy("DB_NAME"))
-        .ok_or("--host is set but --dbname (DB_NAME) is not")?;
+    let kind = args.kind.unwrap_or_default();
+    let dbname = args.dbname.clone().or_else(|| legacy("DB_NAME"));
+    if dbname.is_none() && kind == TokenKind::Rds {
+        return Err("--host is set but --dbname (DB_NAME) is not".into());
+    }
     let user = args.user.clone().or_else(|| legacy("DB_USERNAME"));
     if user.is_none() && args.allow_users.is_empty() {
         return Err("--host is set but neither --user (DB_USERNAME) nor --allow-users is".into());
     }
     Ok(Some(DatabaseEntry {
         name: None,
+        kind,
         host,
         port,
         token_host: args.token_host.clone(),
@@ -262,9 +260,11 @@ async fn resolve_database(
     default_region: Option<&str>,
     token_lifetime: Duration,
 ) -> Result<Database, String> {
-    let name = entry.name.unwrap_or_else(|| entry.dbname.clone());
+    let kind = entry.kind;
+    let dbname = kind::dbname(kind, &entry.host, entry.dbname)?;
+    let name = entry.name.unwrap_or_else(|| dbname.clone());
     check_database_name(&name)?;
-    if entry.host.is_empty() || entry.dbname.is_empty() {
+    if entry.host.is_empty() || dbname.is_empty() {
         return Err(format!(
             "database {name}: host and dbname must not be empty"
         ));
@@ -272,6 +272,11 @@ async fn resolve_database(
     if entry.token_host.as_deref() == Some("") {
         return Err(format!(
             "database {name}: token_host is empty: leave it out to sign tokens for host"
+        ));
+    }
+    if kind == TokenKind::Dsql && entry.token_port.is_some() {
+        return Err(format!(
+            "database {name}: token_port is for RDS: Aurora DSQL tokens do not sign a port"
         ));
     }
     let allowed_users: Vec<String> = match mode {
@@ -311,7 +316,7 @@ async fn resolve_database(
         .await
         .map_err(|error| format!("database {name}: {error}"))?;
     let dial = (entry.host != token_host || port != token_port).then_some((entry.host, port));
-    let options = database_options(&name, &entry.options)?;
+    let options = kind::session_options(&name, kind, database_options(&name, &entry.options)?)?;
     let role = RoleSettings {
         arn: entry.role_arn,
         external_id: entry.external_id,
@@ -321,8 +326,9 @@ async fn resolve_database(
     .resolve(&name, token_lifetime)?;
     Ok(Database {
         name,
-        dbname: entry.dbname,
+        dbname,
         target: TokenKey {
+            kind,
             host: token_host,
             port: token_port,
             user: first_user,

@@ -106,6 +106,7 @@ fn relay_config(
         .iter()
         .map(|db| {
             let upstream = Upstream {
+                kind: db.target.kind,
                 host: db.target.host.clone(),
                 port: db.target.port,
                 dial: db.dial.clone(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 impl LoginTokens for Arc<TokenSource> {
     async fn token(&self, upstream: &Upstream, user: &str) -> Result<SecretString, String> {
         let key = TokenKey {
+            kind: upstream.kind,
             host: upstream.host.clone(),
             port: upstream.port,
             user: user.to_owned(),

@@ -165,6 +165,7 @@ fn unix_seconds(at: SystemTime) -> f64 {
 pub(super) mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use crate::token::TokenKind;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::sync::Mutex;
@@ -172,6 +173,7 @@ pub(super) mod tests {
 
     fn key(user: &str) -> TokenKey {
         TokenKey {
+            kind: TokenKind::Rds,
             host: "db.example.eu-west-1.rds.amazonaws.com".to_owned(),
             port: 5432,
             user: user.to_owned(),

@@ -272,7 +272,7 @@ fn quote_userlist(value: &str) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::config::ModeSettings;
-    use crate::token::TokenKey;
+    use crate::token::{TokenKey, TokenKind};
     use std::time::SystemTime;
 
     pub(crate) fn database(name: &str, user: &str) -> Database {
@@ -280,6 +280,7 @@ pub(crate) mod tests {
             name: name.into(),
             dbname: format!("{name}_db"),
             target: TokenKey {
+                kind: TokenKind::Rds,
                 host: "db.example.internal".into(),
                 port: 5432,
                 user: user.into(),

@@ -120,6 +120,7 @@ mod tests {
 
     fn upstream(host: &str) -> Upstream {
         Upstream {
+            kind: crate::token::TokenKind::Rds,
             host: host.into(),
             port: 5432,
             dial: None,

@@ -43,6 +43,7 @@ pub fn fuzz_relay(data: &[u8]) {
         .with_no_client_auth();
         // Port 1 on loopback refuses at once: the trusted side ends at the connect.
         let target = Upstream {
+            kind: crate::token::TokenKind::Rds,
             host: "127.0.0.1".into(),
             port: 1,
             dial: None,

@@ -218,6 +218,7 @@ mod tests {
     async fn login_against(tokens: impl LoginTokens, script: Vec<u8>) -> Outcome {
         let (relay_side, mut server_side) = tokio::io::duplex(16 * 1024);
         let target = Upstream {
+            kind: crate::token::TokenKind::Rds,
             host: "db.example".into(),
             port: 5432,
             dial: None,

@@ -97,6 +97,8 @@ pub trait LoginTokens: Send + Sync + 'static {
 /// Where a target's connections go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
+    /// RDS or Aurora DSQL: which kind of token logs in.
+    pub kind: crate::token::TokenKind,
     /// The RDS endpoint name: the name its certificate must carry and the host the token is
     /// minted for. Connections go there too unless `dial` says otherwise.
     pub host: String,

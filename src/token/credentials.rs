@@ -106,10 +106,15 @@ impl CredentialCache {
 }
 
 /// The least life a token may have and still be worth handing to PgBouncer: a tenth of the
-/// configured lifetime, but at least a second.
+/// configured lifetime, but at least a second, and at most `MAX_MINIMUM_LIFE`.
 pub fn minimum_life(lifetime: Duration) -> Duration {
-    (lifetime / 10).max(Duration::from_secs(1))
+    (lifetime / 10).clamp(Duration::from_secs(1), MAX_MINIMUM_LIFE)
 }
+
+/// A tenth of RDS's longest lifetime. A token need only outlive the login it is used for; a
+/// tenth of a DSQL lifetime of hours or days would demand more than temporary credentials
+/// (an hour, with IRSA) ever have left, and no token could be minted with them.
+const MAX_MINIMUM_LIFE: Duration = Duration::from_secs(90);
 
 #[derive(Debug)]
 struct ExpiringCredentials;
@@ -130,4 +135,41 @@ pub async fn default_chain(region: &str) -> SharedCredentialsProvider {
         .build()
         .await;
     SharedCredentialsProvider::new(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rds_lifetimes_keep_a_tenth_and_long_dsql_lifetimes_a_minute_and_a_half() {
+        for (lifetime, minimum) in [(5, 1), (20, 2), (900, 90), (3600, 90), (604_800, 90)] {
+            assert_eq!(
+                minimum_life(Duration::from_secs(lifetime)),
+                Duration::from_secs(minimum),
+                "{lifetime} s"
+            );
+        }
+    }
+
+    /// IRSA's credentials live an hour; a day-long DSQL token lifetime must still sign.
+    #[tokio::test]
+    async fn hour_long_credentials_sign_for_a_day_long_lifetime() {
+        let hour_left = Credentials::new(
+            "ASIAEXAMPLE",
+            "secret",
+            Some("session".into()),
+            Some(SystemTime::now() + Duration::from_secs(3600)),
+            "test",
+        );
+        let cache = CredentialCache::new(
+            SharedCredentialsProvider::new(hour_left),
+            Duration::from_secs(86_400),
+        );
+        let got = cache
+            .get()
+            .await
+            .expect("credentials with an hour left sign");
+        assert_eq!(got.access_key_id(), "ASIAEXAMPLE");
+    }
 }

@@ -6,7 +6,7 @@
 //! layout are `signer.rs`'s.
 
 use super::signer::{MintError, Presign, presign};
-use super::{AuthToken, TokenKind};
+use super::{AuthToken, TokenKey, TokenKind};
 use aws_credential_types::Credentials;
 use std::time::{Duration, SystemTime};
 
@@ -19,7 +19,20 @@ pub enum DsqlAction {
     DbConnectAdmin,
 }
 
+/// The one role DSQL logs in with `DbConnectAdmin`; every other role needs `DbConnect`.
+pub const DSQL_ADMIN_ROLE: &str = "admin";
+
 impl DsqlAction {
+    /// The action DSQL demands of a login as `user`. Role names are case-sensitive: only
+    /// `admin` itself is the admin role.
+    pub fn for_user(user: &str) -> Self {
+        if user == DSQL_ADMIN_ROLE {
+            DsqlAction::DbConnectAdmin
+        } else {
+            DsqlAction::DbConnect
+        }
+    }
+
     fn path_and_action(self) -> &'static str {
         match self {
             DsqlAction::DbConnect => "/?Action=DbConnect",
@@ -35,6 +48,17 @@ pub struct DsqlKey {
     pub host: String,
     pub region: String,
     pub action: DsqlAction,
+}
+
+impl DsqlKey {
+    /// What a daemon's login as `key.user` needs: its host and region, the user's action.
+    pub fn for_login(key: &TokenKey) -> Self {
+        Self {
+            host: key.host.clone(),
+            region: key.region.clone(),
+            action: DsqlAction::for_user(&key.user),
+        }
+    }
 }
 
 /// Signs a DSQL token for `key` as of `signed_at`, valid for `expires_in` (at most a week);
@@ -101,6 +125,58 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn admin_alone_logs_in_with_db_connect_admin() {
+        assert_eq!(DsqlAction::for_user("admin"), DsqlAction::DbConnectAdmin);
+        for user in ["app_user", "Admin", "ADMIN", "admin ", "administrator"] {
+            assert_eq!(
+                DsqlAction::for_user(user),
+                DsqlAction::DbConnect,
+                "{user:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dsql_token_key_signs_neither_port_nor_user() {
+        let key = |port, user: &str| TokenKey {
+            kind: TokenKind::Dsql,
+            host: "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws".into(),
+            port,
+            user: user.into(),
+            region: "us-east-1".into(),
+            role: None,
+        };
+        let credentials = Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+        let at = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let mint = |key: &TokenKey| {
+            crate::token::mint(&credentials, key, at, Duration::from_secs(900))
+                .unwrap()
+                .expose()
+                .to_owned()
+        };
+        let app = mint(&key(5432, "app_user"));
+        assert_eq!(app, mint(&key(6543, "reporter")));
+        assert_eq!(
+            app,
+            mint_for(DsqlAction::DbConnect, 900).unwrap().expose(),
+            "the daemon's token is the `token` command's"
+        );
+        let admin = mint(&key(5432, "admin"));
+        assert_eq!(
+            admin,
+            mint_for(DsqlAction::DbConnectAdmin, 900).unwrap().expose()
+        );
+        let rds = mint(&TokenKey {
+            kind: TokenKind::Rds,
+            ..key(5432, "app_user")
+        });
+        assert!(
+            rds.contains(":5432/?Action=connect&DBUser=app_user&"),
+            "{rds}"
+        );
     }
 
     #[test]

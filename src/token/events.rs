@@ -61,9 +61,11 @@ impl KeyEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::TokenKind;
 
     fn key(user: &str) -> TokenKey {
         TokenKey {
+            kind: TokenKind::Rds,
             host: "db.example".to_owned(),
             port: 5432,
             user: user.to_owned(),

@@ -15,18 +15,22 @@ pub use events::{Changed, KeyEvents};
 pub use health::{KeyHealth, TokenError};
 pub use region::{RegionError, region_from_host, resolve_region};
 pub use role::AssumedRole;
-pub use signer::{MAX_TOKEN_BYTES, MintError, check_pgbouncer_limit, mint};
+pub use signer::{MAX_TOKEN_BYTES, MintError, check_pgbouncer_limit};
 pub use source::{FreshToken, Presenter, TokenSource};
 
+use aws_credential_types::Credentials;
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Which service a token logs in to. The kinds sign different URLs for different IAM actions
-/// and live for different lengths of time; tokens of one are worthless to the other.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+/// and live for different lengths of time; tokens of one are worthless to the other. clap and
+/// serde both parse it, so the values an error lists are the values accepted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TokenKind {
     /// RDS and Aurora, also through RDS Proxy: `rds-db:connect`, host, port and user signed.
+    #[default]
     Rds,
     /// Aurora DSQL: `dsql:DbConnect` (or `DbConnectAdmin`), only the host signed.
     Dsql,
@@ -58,11 +62,15 @@ impl TokenKind {
     }
 }
 
-/// What an RDS token is minted for. Two logins that differ in any field need different tokens.
+/// What a token is minted for. Two logins that differ in any field need different tokens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TokenKey {
+    /// Whom the token is for: an RDS and a DSQL token for the same host and user differ.
+    pub kind: TokenKind,
     pub host: String,
+    /// RDS signs it; DSQL does not, but connections still go there.
     pub port: u16,
+    /// The database role logging in; for DSQL it picks the action ([`DsqlAction::for_user`]).
     pub user: String,
     pub region: String,
     /// The role whose credentials sign the token; `None` for the daemon's own credentials.
@@ -71,15 +79,37 @@ pub struct TokenKey {
 
 impl fmt::Display for TokenKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}@{}:{} ({})",
-            self.user, self.host, self.port, self.region
-        )?;
+        match self.kind {
+            TokenKind::Rds => write!(
+                f,
+                "{}@{}:{} ({})",
+                self.user, self.host, self.port, self.region
+            ),
+            TokenKind::Dsql => write!(
+                f,
+                "{}@{} ({}, Aurora DSQL)",
+                self.user, self.host, self.region
+            ),
+        }?;
         match &self.role {
             Some(role) => write!(f, " as {role}"),
             None => Ok(()),
         }
+    }
+}
+
+/// Signs a token for `key`, of the key's kind, as of `signed_at`, valid for `expires_in`. The
+/// time is a parameter, not read here, so that callers can reason about expiry and tests can
+/// compare against botocore with a frozen clock.
+pub fn mint(
+    credentials: &Credentials,
+    key: &TokenKey,
+    signed_at: SystemTime,
+    expires_in: Duration,
+) -> Result<AuthToken, MintError> {
+    match key.kind {
+        TokenKind::Rds => signer::mint_rds(credentials, key, signed_at, expires_in),
+        TokenKind::Dsql => mint_dsql(credentials, &DsqlKey::for_login(key), signed_at, expires_in),
     }
 }
 

@@ -77,12 +77,10 @@ pub enum MintError {
     Signing(#[source] SigningError),
 }
 
-/// Signs an RDS token for `key` as of `signed_at`, valid for `expires_in`.
-///
-/// The time is a parameter, not read here, so that callers can reason about expiry and tests can
-/// compare against botocore with a frozen clock. `signed_at` is truncated to whole seconds
-/// because X-Amz-Date is, and `expires_at` must describe the token RDS will actually see.
-pub fn mint(
+/// Signs an RDS token for `key` (whatever its kind says; `token::mint` dispatches) as of
+/// `signed_at`, valid for `expires_in`. `signed_at` is truncated to whole seconds because
+/// X-Amz-Date is, and `expires_at` must describe the token RDS will actually see.
+pub(super) fn mint_rds(
     credentials: &Credentials,
     key: &TokenKey,
     signed_at: SystemTime,
@@ -244,6 +242,7 @@ mod tests {
 
     fn key() -> TokenKey {
         TokenKey {
+            kind: TokenKind::Rds,
             host: "mydb.cluster-abc123.us-east-1.rds.amazonaws.com".into(),
             port: 5432,
             user: "app_user".into(),
@@ -275,7 +274,7 @@ mod tests {
             Duration::from_secs(901),
             Duration::from_secs(86_400),
         ] {
-            let err = mint(&creds(None), &key(), at(), bad).unwrap_err();
+            let err = mint_rds(&creds(None), &key(), at(), bad).unwrap_err();
             assert!(
                 matches!(err, MintError::ExpiresIn { expires_in, .. } if expires_in == bad),
                 "{err:?}"
@@ -283,14 +282,14 @@ mod tests {
             assert!(err.to_string().contains("1 to 900 (RDS's"), "{err}");
         }
         for good in [1, 60, 900] {
-            let token = mint(&creds(None), &key(), at(), Duration::from_secs(good)).unwrap();
+            let token = mint_rds(&creds(None), &key(), at(), Duration::from_secs(good)).unwrap();
             assert!(token.expose().contains(&format!("&X-Amz-Expires={good}&")));
         }
     }
 
     #[test]
     fn expires_at_counts_from_the_truncated_signing_time() {
-        let token = mint(
+        let token = mint_rds(
             &creds(None),
             &key(),
             at() + Duration::from_millis(999),
@@ -304,7 +303,7 @@ mod tests {
     #[test]
     fn too_long_token_is_refused_for_pgbouncer_and_blames_the_session_token() {
         let credentials = creds(Some(&"A".repeat(2000)));
-        let token = mint(&credentials, &key(), at(), Duration::from_secs(900)).unwrap();
+        let token = mint_rds(&credentials, &key(), at(), Duration::from_secs(900)).unwrap();
         let err = check_pgbouncer_limit(&token, &credentials).unwrap_err();
         let MintError::TooLong { len, .. } = err else {
             panic!("expected TooLong, got {err:?}");
@@ -324,16 +323,16 @@ mod tests {
 
     #[test]
     fn the_pgbouncer_limit_is_2047_bytes_exactly() {
-        let base = mint(&creds(Some("")), &key(), at(), Duration::from_secs(900))
+        let base = mint_rds(&creds(Some("")), &key(), at(), Duration::from_secs(900))
             .unwrap()
             .expose()
             .len();
         let fits = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base)));
-        let token = mint(&fits, &key(), at(), Duration::from_secs(900)).unwrap();
+        let token = mint_rds(&fits, &key(), at(), Duration::from_secs(900)).unwrap();
         assert_eq!(token.expose().len(), MAX_TOKEN_BYTES);
         check_pgbouncer_limit(&token, &fits).unwrap();
         let over = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base + 1)));
-        let token = mint(&over, &key(), at(), Duration::from_secs(900)).unwrap();
+        let token = mint_rds(&over, &key(), at(), Duration::from_secs(900)).unwrap();
         let err = check_pgbouncer_limit(&token, &over).unwrap_err();
         assert!(matches!(err, MintError::TooLong { len, .. } if len == MAX_TOKEN_BYTES + 1));
     }
@@ -345,7 +344,7 @@ mod tests {
                 host: host.into(),
                 ..key()
             };
-            let err = mint(&creds(None), &k, at(), Duration::from_secs(900)).unwrap_err();
+            let err = mint_rds(&creds(None), &k, at(), Duration::from_secs(900)).unwrap_err();
             assert!(matches!(err, MintError::InvalidHost(_)), "{host}: {err:?}");
         }
         for region in ["", "US-EAST-1", "us east 1", "us-east-1/x"] {
@@ -354,7 +353,7 @@ mod tests {
                 role: None,
                 ..key()
             };
-            let err = mint(&creds(None), &k, at(), Duration::from_secs(900)).unwrap_err();
+            let err = mint_rds(&creds(None), &k, at(), Duration::from_secs(900)).unwrap_err();
             assert!(
                 matches!(err, MintError::InvalidRegion(_)),
                 "{region}: {err:?}"
@@ -366,7 +365,7 @@ mod tests {
     fn errors_and_tokens_never_show_secrets() {
         let session_token = format!("SESSIONTOKEN{}", "Zx9".repeat(700));
         let c = creds(Some(&session_token));
-        let token = mint(
+        let token = mint_rds(
             &creds(Some("SESSIONTOKENshort")),
             &key(),
             at(),
@@ -374,11 +373,11 @@ mod tests {
         )
         .unwrap();
         let signature = token.expose().rsplit('=').next().unwrap().to_owned();
-        let long = mint(&c, &key(), at(), Duration::from_secs(900)).unwrap();
+        let long = mint_rds(&c, &key(), at(), Duration::from_secs(900)).unwrap();
         let errors = [
-            mint(&c, &key(), at(), Duration::from_secs(901)).unwrap_err(),
+            mint_rds(&c, &key(), at(), Duration::from_secs(901)).unwrap_err(),
             check_pgbouncer_limit(&long, &c).unwrap_err(),
-            mint(
+            mint_rds(
                 &c,
                 &key(),
                 UNIX_EPOCH - Duration::from_secs(1),

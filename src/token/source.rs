@@ -82,7 +82,7 @@ struct Registered {
 }
 
 impl TokenSource {
-    /// `lifetime` is the tokens' X-Amz-Expires (1..=900 s; the signer enforces the range).
+    /// `lifetime` is the tokens' X-Amz-Expires (the signer enforces each kind's range).
     pub fn new(
         credentials: CredentialCache,
         lifetime: Duration,
