@@ -4,7 +4,7 @@
 # Installs (only what is missing): PostgreSQL server and client, a PgBouncer >= 1.24
 # (built from the newest Debian source package this machine's mirror serves, unstable's
 # first, then trixie's, when the system one is older), a Python venv with botocore and
-# moto[server], and the RDS stand-in's PAM module and verifier.
+# moto[server], and the RDS stand-in's PAM module and verifiers (RDS and Aurora DSQL flavours).
 #
 # Idempotent and quick when everything is already in place. Writes $TESTBED/ready last:
 # the test harness refuses to run without it.
@@ -28,6 +28,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PGBOUNCER_MIN=1.24
 BOTOCORE_PIN=1.44.8
 PAM_SERVICE=aws-pgbouncer-standin
+# The Aurora DSQL flavour of the stand-in (scripts/standin init ... dsql).
+DSQL_PAM_SERVICE=aws-pgbouncer-standin-dsql
 DEBIAN_SOURCES=/etc/apt/sources.list.d/aws-pgbouncer-debian-src.sources
 # Written by earlier versions with a fixed mirror host; replaced by $DEBIAN_SOURCES.
 OLD_TRIXIE_SOURCES=/etc/apt/sources.list.d/aws-pgbouncer-trixie-src.sources
@@ -218,17 +220,24 @@ if [ ! -f "$SO" ] || ! cmp -s "$SRC_C" "$TESTBED/src/pam_standin.c"; then
 fi
 install_if_changed 0755 "$REPO/tests/standin/verifier.py" "$TESTBED/bin/verifier.py"
 install_if_changed 0755 "$REPO/tests/standin/mint.py" "$TESTBED/bin/mint.py"
+# Beside verifier.py, which it imports.
+install_if_changed 0755 "$REPO/tests/standin/dsql_verifier.py" "$TESTBED/bin/dsql_verifier.py"
 
-pam_conf=$(cat <<EOF
-# Written by aws-pgbouncer scripts/provision.sh: the RDS IAM stand-in for tests.
-# Hands each password to a verifier that checks it as RDS checks an IAM auth token.
-auth    required $SO $VENV/bin/python $TESTBED/bin/verifier.py
+write_pam_service() { # PAM_SERVICE VERIFIER STAND-IN CHECKED_AS
+    local conf
+    conf=$(cat <<EOF
+# Written by aws-pgbouncer scripts/provision.sh: the $3 stand-in for tests.
+# Hands each password to a verifier that checks it as $4 checks an IAM auth token.
+auth    required $SO $VENV/bin/python $TESTBED/bin/$2
 account required pam_permit.so
 EOF
 )
-if [ "$(cat "/etc/pam.d/$PAM_SERVICE" 2>/dev/null || true)" != "$pam_conf" ]; then
-    printf '%s\n' "$pam_conf" | as_root tee "/etc/pam.d/$PAM_SERVICE" >/dev/null
-fi
+    if [ "$(cat "/etc/pam.d/$1" 2>/dev/null || true)" != "$conf" ]; then
+        printf '%s\n' "$conf" | as_root tee "/etc/pam.d/$1" >/dev/null
+    fi
+}
+write_pam_service "$PAM_SERVICE" verifier.py "RDS IAM" RDS
+write_pam_service "$DSQL_PAM_SERVICE" dsql_verifier.py "Aurora DSQL" "Aurora DSQL"
 
 # ------------------------------------------------------------------- ready
 PG_VERSION=$("$PG_BINDIR/postgres" --version | awk '{print $3}')
@@ -244,6 +253,8 @@ moto_version=$MOTO_VERSION
 pam_service=$PAM_SERVICE
 pam_module=$SO
 verifier=$TESTBED/bin/verifier.py
+dsql_pam_service=$DSQL_PAM_SERVICE
+dsql_verifier=$TESTBED/bin/dsql_verifier.py
 mint=$TESTBED/bin/mint.py
 run_as=postgres
 intruder=$INTRUDER

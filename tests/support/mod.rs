@@ -153,6 +153,7 @@ impl Testbed {
             &tb.moto_server,
             &tb.dir.join("lib/pam_standin.so"),
             &PathBuf::from("/etc/pam.d/aws-pgbouncer-standin"),
+            &PathBuf::from("/etc/pam.d/aws-pgbouncer-standin-dsql"),
         ] {
             if !p.exists() {
                 missing(&format!("{} does not exist", p.display()));
@@ -161,6 +162,7 @@ impl Testbed {
         // The installed stand-in must be this checkout's: a stale one tests the wrong thing.
         for (installed, source) in [
             ("bin/verifier.py", "tests/standin/verifier.py"),
+            ("bin/dsql_verifier.py", "tests/standin/dsql_verifier.py"),
             ("bin/mint.py", "tests/standin/mint.py"),
             ("src/pam_standin.c", "tests/standin/pam_standin.c"),
         ] {
@@ -600,6 +602,16 @@ impl Standin {
     /// Creates a cluster in a temp dir on a free port, starts it, waits until it accepts
     /// connections.
     pub fn start() -> Standin {
+        Self::start_flavour("rds")
+    }
+
+    /// An Aurora DSQL stand-in: its IAM users, and the role `admin`, log in with DSQL tokens
+    /// for `localhost` (`tests/standin/dsql_verifier.py`); RDS tokens are refused.
+    pub fn start_dsql() -> Standin {
+        Self::start_flavour("dsql")
+    }
+
+    fn start_flavour(flavour: &str) -> Standin {
         let tb = Testbed::locate();
         let dir = test_dir("standin");
         let port = free_port();
@@ -608,6 +620,7 @@ impl Standin {
             .arg("init")
             .arg(dir.path())
             .arg(port.to_string())
+            .args([STANDIN_HOST, flavour])
             .env("AWS_PGBOUNCER_TESTBED", &tb.dir);
         run_checked(&mut cmd, "scripts/standin init");
         let mut s = Standin {
