@@ -10,7 +10,7 @@ mod support;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
 use support::client::{connect, kill_idle_backends, scalar};
-use support::daemon::Daemon;
+use support::daemon::{Daemon, command};
 use support::{STANDIN_HOST, Standin, free_port, now_epoch, test_dir, wait_until};
 
 /// The stand-ins' refusal of a token they do not take, as RDS and DSQL word it.
@@ -284,4 +284,46 @@ fn the_dsql_standin_wants_db_connect_admin_for_admin_alone() {
             assert_eq!(decision["reason"], "wrong_action", "{decision}");
         }
     }
+}
+
+/// `check` with the single-database flags and `--kind dsql`: a DSQL login as `admin`, to DSQL's
+/// default database, without `--dbname`.
+#[test]
+fn check_logs_in_to_dsql_with_the_kind_flag() {
+    let standin = Standin::start_dsql();
+    let before = standin.verifier_log().len();
+    let port = standin.port().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let output = command(Some(&standin.static_creds()))
+        .args([
+            "check",
+            "--kind",
+            "dsql",
+            "--host",
+            STANDIN_HOST,
+            "--port",
+            &port,
+        ])
+        .args([
+            "--user",
+            "admin",
+            "--region",
+            standin.region(),
+            "--listen",
+            &listen,
+        ])
+        .arg("--server-ca-file")
+        .arg(standin.ca_path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("OK    postgres"),
+        "{text}"
+    );
+    assert_each(
+        &decisions_since(&standin, before),
+        |d| d["accepted"] == true && d["action"] == "DbConnectAdmin" && d["service"] == "dsql",
+        "check",
+    );
 }
