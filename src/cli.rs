@@ -218,6 +218,15 @@ pub struct RunArgs {
     /// else is refused with 57P03 [default: 100].
     #[arg(long, env = "AWS_PGBOUNCER_RELAY_LOGIN_RATE", value_parser = clap::value_parser!(u32).range(1..))]
     pub relay_login_rate: Option<u32>,
+    /// Passthrough mode: keep the relay's thread on the CPU PgBouncer last ran on (read from
+    /// /proc every 0.2 s; relay_listen on a unix socket only), so that their wake-ups stay on
+    /// one CPU [default: true].
+    #[arg(
+        long,
+        env = "AWS_PGBOUNCER_RELAY_FOLLOW_PGBOUNCER_CPU",
+        value_name = "BOOL"
+    )]
+    pub relay_follow_pgbouncer_cpu: Option<bool>,
     /// Auth-query and passthrough modes: allow --auth-listen on an address other than
     /// loopback.
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN_NON_LOOPBACK")]

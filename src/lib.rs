@@ -11,6 +11,7 @@
 //!   PostgreSQL wire layer, [`wire`];
 //! - [`http`] and [`metrics`] serve probes and Prometheus metrics;
 //! - [`check`], [`wait`] and [`shutdown`] are the `check`, `wait` and `shutdown` commands;
+//! - [`cpu_follow`] keeps the relay's thread on PgBouncer's CPU;
 //! - [`error_text`] turns errors into the one-line messages all of them print.
 
 pub mod backoff;
@@ -18,6 +19,7 @@ pub mod ca_bundle;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod cpu_follow;
 pub mod daemon;
 pub mod endpoint;
 pub mod error_text;

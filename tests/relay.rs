@@ -64,6 +64,7 @@ fn config(ca: &Path, targets: Vec<(&str, Upstream)>) -> RelayConfig {
             ..Limits::default()
         },
         metrics: None,
+        follow_peer_cpu: false,
     }
 }
 

@@ -25,6 +25,13 @@
 #                     CPUs, so the relay's CPU and wake-ups also slow the database down
 #   BENCH_RESULTS     where raw outputs and summary.txt go [target/bench-results/...]
 #   AWS_PGBOUNCER_BIN use this binary instead of building the release one
+#   BENCH_VARIANT_BIN, BENCH_VARIANT_LINES  a third set-up, "variant": passthrough as above but
+#                     run by the binary BENCH_VARIANT_BIN [the same one] with the TOML lines
+#                     BENCH_VARIANT_LINES added [none]; set either to compare two builds or two
+#                     settings side by side in one run, e.g.
+#                     BENCH_VARIANT_LINES='relay_follow_pgbouncer_cpu = false'
+#                     The set-ups' order alternates from round to round (config first in odd
+#                     rounds, last in even ones), so that none always runs first.
 set -euo pipefail
 ROUNDS=${BENCH_ROUNDS:-5}
 DURATION=${BENCH_DURATION:-20}
@@ -65,6 +72,14 @@ start_aws passthrough "mode = \"passthrough\"
 relay_listen = \"$RELAY_LISTEN\"
 auth_listen = \"$AUTH_LISTEN\"" 'users = ["app_user"]'
 setups=(config passthrough)
+if [ -n "${BENCH_VARIANT_BIN:-}${BENCH_VARIANT_LINES:-}" ]; then
+    DAEMON=${BENCH_VARIANT_BIN:-$DAEMON} start_aws variant "mode = \"passthrough\"
+relay_listen = \"$([ "$RELAY_LISTEN" = unix ] && echo unix || echo "127.0.0.1:$(free_port)")\"
+auth_listen = \"$([ "$AUTH_LISTEN" = unix ] && echo unix || echo "127.0.0.1:$(free_port)")\"
+${BENCH_VARIANT_LINES:-}" 'users = ["app_user"]'
+    say "variant: $("${BENCH_VARIANT_BIN:-$DAEMON}" --version) with: ${BENCH_VARIANT_LINES:-(no extra lines)}"
+    setups+=(variant)
+fi
 
 # Evidence that the two [pgbouncer] sections differ only where they must, and where the
 # passthrough PgBouncer's server connections go.
@@ -91,8 +106,13 @@ metrics passthrough "$RESULTS/passthrough-metrics-start.txt"
 TSV=$RESULTS/runs.tsv
 printf 'round\tworkload\tsetup\ttps\tlatency_ms\tfailed\tprocessed\tconn_ms\treloads\tdaemon_cpu_ms\tpgbouncer_cpu_ms\tload_before\tload_after\texit\n' >"$TSV"
 for ((round = 1; round <= ROUNDS; round++)); do
+    order=("${setups[@]}")
+    if ((round % 2 == 0)); then
+        order=()
+        for ((i = ${#setups[@]} - 1; i >= 0; i--)); do order+=("${setups[i]}"); done
+    fi
     for workload in "${workloads[@]}"; do
-        for setup in "${setups[@]}"; do
+        for setup in "${order[@]}"; do
             reset_pgbench_tables
             out=$RESULTS/r$round-$workload-$setup.log
             before=$(reloads "$setup")
@@ -121,11 +141,12 @@ metrics passthrough "$RESULTS/passthrough-metrics-end.txt"
 
 # --- summary -------------------------------------------------------------------------------------
 {
-    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS bash scripts/bench/pgbench_passthrough.sh"
+    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS${BENCH_VARIANT_BIN:+ BENCH_VARIANT_BIN=$BENCH_VARIANT_BIN}${BENCH_VARIANT_LINES:+ BENCH_VARIANT_LINES='$BENCH_VARIANT_LINES'} bash scripts/bench/pgbench_passthrough.sh"
     cat "$RESULTS/machine.txt"
     echo "pgbench: pgbench -n {-S | (TPC-B) | -S -C} -c $CLIENTS -j $JOBS -T $DURATION -h 127.0.0.1 -p PORT -U app_user appdb (scale $SCALE)"
     echo "PgBouncer: $("$PGBOUNCER_BIN" --version | head -n 1), pool_mode=transaction default_pool_size=$POOL_SIZE"
     echo "passthrough: relay_listen = \"$RELAY_LISTEN\", auth_listen = \"$AUTH_LISTEN\""
+    [ ! -f "$RESULTS/variant.toml" ] || echo "variant: passthrough run by ${BENCH_VARIANT_BIN:-the same binary} with: ${BENCH_VARIANT_LINES:-(no extra lines)}"
     echo "CPUs: stand-in and pgbench ${world_cpus[*]:-on all}; daemons and PgBouncers ${pod_cpus[*]:-on all}"
     echo "passthrough PgBouncer's [databases]: $(grep -v '^;;\|^\[\|^$' "$RESULTS/passthrough-databases.ini" 2>/dev/null | head -n 3 | tr '\n' ' ')"
     echo "[pgbouncer] settings that differ (< config mode's rendered ini, > passthrough's):"
@@ -139,8 +160,9 @@ def num(v):
 print()
 for workload, label in [("select", "select-only (-S)"), ("tpcb", "TPC-B-like (default)"), ("connect", "new connection per transaction (-S -C)")]:
     print(f"== {label}")
-    by = {s: [r for r in rows if r["workload"] == workload and r["setup"] == s] for s in ("config", "passthrough")}
-    for s in ("config", "passthrough"):
+    setups = [s for s in ("config", "passthrough", "variant") if any(r["setup"] == s for r in rows)]
+    by = {s: [r for r in rows if r["workload"] == workload and r["setup"] == s] for s in setups}
+    for s in setups:
         rs = by[s]
         tps = [num(r["tps"]) for r in rs]
         lat = [num(r["latency_ms"]) for r in rs]
@@ -159,16 +181,20 @@ for workload, label in [("select", "select-only (-S)"), ("tpcb", "TPC-B-like (de
         conn = [num(r["conn_ms"]) for r in rs if num(r["conn_ms"]) is not None]
         if conn:
             print(f"  {s:11} average connection time per round (ms): {', '.join(f'{c:.3f}' for c in conn)}; median {med(conn):.3f} ms")
-    a = [num(r["tps"]) for r in by["config"]]
-    b = [num(r["tps"]) for r in by["passthrough"]]
-    paired = [y / x for x, y in zip(a, b) if x and y]
-    print(f"  ratio passthrough/config of median tps: {med([y for y in b if y]) / med([x for x in a if x]):.3f}; "
-          f"paired per-round ratios: {', '.join(f'{p:.3f}' for p in paired)} (median {med(paired):.3f})")
-    la = [num(r["latency_ms"]) for r in by["config"]]
-    lb = [num(r["latency_ms"]) for r in by["passthrough"]]
-    diffs = [(y - x) * 1000 for x, y in zip(la, lb) if x is not None and y is not None]
-    print(f"  added latency passthrough - config: {(med([y for y in lb if y is not None]) - med([x for x in la if x is not None])) * 1000:.0f} us "
-          f"(difference of medians); paired per round (us): {', '.join(f'{d:.0f}' for d in diffs)} (median {med(diffs):.0f} us)")
+    for base, other in [("config", "passthrough"), ("config", "variant"), ("passthrough", "variant")]:
+        if other not in by:
+            continue
+        a = [num(r["tps"]) for r in by[base]]
+        b = [num(r["tps"]) for r in by[other]]
+        paired = [y / x for x, y in zip(a, b) if x and y]
+        print(f"  ratio {other}/{base} of median tps: {med([y for y in b if y]) / med([x for x in a if x]):.3f}; "
+              f"paired per-round ratios: {', '.join(f'{p:.3f}' for p in paired)} (median {med(paired):.3f}, "
+              f"min {min(paired):.3f}, max {max(paired):.3f})")
+        la = [num(r["latency_ms"]) for r in by[base]]
+        lb = [num(r["latency_ms"]) for r in by[other]]
+        diffs = [(y - x) * 1000 for x, y in zip(la, lb) if x is not None and y is not None]
+        print(f"  added latency {other} - {base}: {(med([y for y in lb if y is not None]) - med([x for x in la if x is not None])) * 1000:.0f} us "
+              f"(difference of medians); paired per round (us): {', '.join(f'{d:.0f}' for d in diffs)} (median {med(diffs):.0f} us)")
 loads = [num(r["load_after"]) for r in rows]
 print(f"\nload average (1 min) after each run: median {med(loads):.2f}, min {min(loads):.2f}, max {max(loads):.2f}")
 EOF

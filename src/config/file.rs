@@ -22,6 +22,7 @@ pub struct ConfigFile {
     pub relay_listen: Option<String>,
     pub relay_max_connections: Option<usize>,
     pub relay_login_rate: Option<u32>,
+    pub relay_follow_pgbouncer_cpu: Option<bool>,
     #[serde(default)]
     pub databases: Vec<DatabaseEntry>,
     /// Users that applications log in to PgBouncer as, with optional passwords.

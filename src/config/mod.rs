@@ -72,6 +72,8 @@ pub struct PassthroughSettings {
     /// New upstream logins per second per RDS host when the user sets it
     /// ([`crate::relay::LoginRate`]).
     pub relay_login_rate: Option<u32>,
+    /// Keep the relay's thread on PgBouncer's CPU ([`crate::cpu_follow`]).
+    pub relay_follow_pgbouncer_cpu: bool,
 }
 
 impl ModeSettings {

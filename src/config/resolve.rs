@@ -150,6 +150,10 @@ fn resolve_mode(
                 Some(0) => return Err("relay login rate must be at least 1".to_owned()),
                 given => given,
             },
+            relay_follow_pgbouncer_cpu: args
+                .relay_follow_pgbouncer_cpu
+                .or(file.relay_follow_pgbouncer_cpu)
+                .unwrap_or(true),
         }),
     })
 }

@@ -54,6 +54,7 @@ impl PassthroughMode {
             server_tls: Some(own_tls.clone()),
             limits: relay_limits,
             metrics: Some(metrics.clone()),
+            follow_peer_cpu: passthrough.relay_follow_pgbouncer_cpu,
             ..relay_config(settings, &passthrough.rds_ca_file, secret.clone())?
         };
         let max_connections = config.limits.max_connections;
@@ -126,5 +127,6 @@ fn relay_config(
         targets,
         limits: Default::default(),
         metrics: None,
+        follow_peer_cpu: false,
     })
 }

@@ -76,6 +76,7 @@ pub fn fuzz_session(data: &[u8]) {
                 deadline: Instant::now() + shared.config.limits.handshake_timeout,
                 peer: "fuzz".into(),
                 peer_uid: None,
+                peer_pid: None,
                 shutdown: CancellationToken::new(),
                 pre_auth: PreAuth::detached(),
                 counted: None,

@@ -64,6 +64,7 @@ pub fn fuzz_relay(data: &[u8]) {
                 ..Limits::default()
             },
             metrics: None,
+            follow_peer_cpu: false,
         };
         Shared::new(Arc::new(config), FixedToken)
     });
@@ -94,6 +95,7 @@ pub fn fuzz_relay(data: &[u8]) {
                 deadline: Instant::now() + shared.config.limits.handshake_timeout,
                 peer: "fuzz".into(),
                 peer_uid: (mode % 3 == 1).then_some(TRUSTED_UID),
+                peer_pid: None,
                 shutdown: CancellationToken::new(),
                 pre_auth: PreAuth::detached(),
                 counted: None,

@@ -66,6 +66,7 @@ mod upstream;
 pub use pacing::LoginRate;
 pub use session::FORWARDED_PARAMETERS;
 
+use crate::cpu_follow;
 use crate::metrics::{Metrics, RelayRefusal};
 use crate::wire::BoundListener;
 use crate::wire::accept::{self, Serving};
@@ -82,6 +83,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// Where the relay gets the token for each upstream login.
 pub trait LoginTokens: Send + Sync + 'static {
@@ -178,6 +180,10 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// Where refusals are counted, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
+    /// Keep the thread that serves the relay on the CPU of the PgBouncer that logs in
+    /// through it ([`crate::cpu_follow`]); PgBouncer is known by `SO_PEERCRED`, so only
+    /// on a unix socket. Meant for a one-thread runtime: it pins whichever thread runs it.
+    pub follow_peer_cpu: bool,
 }
 
 impl fmt::Debug for RelayConfig {
@@ -187,6 +193,7 @@ impl fmt::Debug for RelayConfig {
             .field("peer_uid", &self.peer_uid)
             .field("targets", &self.targets)
             .field("limits", &self.limits)
+            .field("follow_peer_cpu", &self.follow_peer_cpu)
             .finish_non_exhaustive()
     }
 }
@@ -214,6 +221,8 @@ struct Shared<T> {
     tls: tokio_rustls::TlsConnector,
     cancels: CancelMap,
     pacer: LoginPacer,
+    /// The pid of the PgBouncer last logged in over a unix socket, for the CPU follower.
+    peer_pid: Option<watch::Sender<Option<u32>>>,
 }
 
 impl<T> Shared<T> {
@@ -228,6 +237,25 @@ impl<T> Shared<T> {
             config,
             tokens,
             cancels: CancelMap::default(),
+            peer_pid: None,
+        }
+    }
+
+    /// Starts following the CPU of the PgBouncer that logs in, on the calling task's thread.
+    fn follow_peer_cpu(&mut self) {
+        let (peer_pid, pids) = watch::channel(None);
+        tokio::spawn(cpu_follow::follow(
+            pids,
+            cpu_follow::PROC.into(),
+            cpu_follow::SAMPLE_EVERY,
+        ));
+        self.peer_pid = Some(peer_pid);
+    }
+
+    /// Tells the CPU follower, if any, that `pid` has logged in.
+    fn logged_in_from(&self, pid: Option<u32>) {
+        if let (Some(peer_pid), Some(pid)) = (&self.peer_pid, pid) {
+            peer_pid.send_if_modified(|known| known.replace(pid) != Some(pid));
         }
     }
 
@@ -257,7 +285,11 @@ pub async fn serve<T: LoginTokens>(
     let serving = Serving::new(limits.max_connections, limits.shutdown_grace)
         .handshake(limits.max_message_bytes, limits.handshake_timeout)
         .offering(config.server_tls.as_ref());
-    let shared = Arc::new(Shared::new(config, tokens));
+    let mut shared = Shared::new(config, tokens);
+    if shared.config.follow_peer_cpu {
+        shared.follow_peer_cpu();
+    }
+    let shared = Arc::new(shared);
     accept::serve(listener, "relay", shared, serving, shutdown).await
 }
 
@@ -289,6 +321,7 @@ mod tests {
             targets: HashMap::new(),
             limits: Limits::default(),
             metrics: None,
+            follow_peer_cpu: false,
         };
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

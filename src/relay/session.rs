@@ -31,6 +31,7 @@ impl<T: LoginTokens> Protocol for Shared<T> {
             deadline,
             peer,
             peer_uid,
+            peer_pid,
             shutdown,
             pre_auth,
             ..
@@ -52,6 +53,7 @@ impl<T: LoginTokens> Protocol for Shared<T> {
         .await;
         match logged_in {
             Ok((server, registration)) => {
+                self.logged_in_from(peer_pid);
                 relay(client, server, &peer).await;
                 drop(registration);
             }

@@ -120,7 +120,7 @@ pub(crate) async fn serve<P: Protocol>(
             }
             Err(e) => break Err(e),
         };
-        let peer_uid = peer_uid(&stream);
+        let (peer_uid, peer_pid) = peer_cred(&stream);
         if let Some(uid) = peer_uid.filter(|&uid| uid != own_uid && uid != 0) {
             if foreign.first() {
                 tracing::warn!(
@@ -163,6 +163,7 @@ pub(crate) async fn serve<P: Protocol>(
                 deadline: Instant::now() + serving.handshake_timeout,
                 peer,
                 peer_uid: peer_uid.filter(|&uid| uid != u32::MAX),
+                peer_pid,
                 shutdown: stop.clone(),
                 pre_auth: place,
                 counted: protocol.opened(),
@@ -216,14 +217,17 @@ pub(crate) async fn serve<P: Protocol>(
     result
 }
 
-/// On a unix socket, the peer's uid; `u32::MAX` when it cannot be read, so that such a peer
-/// counts as foreign. Root passes the uid check because it can read the daemon's memory and
-/// files anyway: refusing it would protect nothing.
-fn peer_uid(stream: &Stream) -> Option<u32> {
+/// On a unix socket, the peer's uid and pid; the uid is `u32::MAX` when it cannot be read, so
+/// that such a peer counts as foreign. Root passes the uid check because it can read the
+/// daemon's memory and files anyway: refusing it would protect nothing.
+fn peer_cred(stream: &Stream) -> (Option<u32>, Option<u32>) {
     let Stream::Unix(unix) = stream else {
-        return None;
+        return (None, None);
     };
-    Some(unix.peer_cred().map_or(u32::MAX, |cred| cred.uid()))
+    match unix.peer_cred() {
+        Ok(cred) => (Some(cred.uid()), cred.pid().map(|pid| pid as u32)),
+        Err(_) => (Some(u32::MAX), None),
+    }
 }
 
 /// Errors that concern only the connection being accepted.

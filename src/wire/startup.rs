@@ -22,6 +22,9 @@ pub(crate) struct Handshake {
     pub peer: String,
     /// On a unix socket, the peer's uid (`SO_PEERCRED`), when it could be read.
     pub peer_uid: Option<u32>,
+    /// On a unix socket, the peer's pid (`SO_PEERCRED`; 0 for a process in another pid
+    /// namespace), when it could be read.
+    pub peer_pid: Option<u32>,
     /// Cancelled when the listener shuts down.
     pub shutdown: CancellationToken,
     /// Dropped (or [`PreAuth::authenticated`]) once the peer has logged in.
