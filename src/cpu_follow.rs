@@ -217,8 +217,8 @@ mod tests {
         );
     }
 
-    /// Without a `/proc` entry for PgBouncer (another pid namespace, or pid 0 from
-    /// SO_PEERCRED), the thread is not pinned and keeps every CPU it had.
+    /// Without a `/proc` entry for PgBouncer (it exited, or it is in another pid namespace,
+    /// where SO_PEERCRED gives pid 0), the thread is not pinned, or has its own CPUs back.
     #[test]
     fn without_a_proc_entry_the_thread_keeps_its_own_cpus() {
         let root = tempfile::tempdir().unwrap();
@@ -229,6 +229,17 @@ mod tests {
             let error = follower.follow(4242).unwrap_err();
             assert_eq!(error.kind(), io::ErrorKind::NotFound);
             assert_eq!(cpus_of_this_thread(), own);
+
+            write_stat(root.path(), 4242, &stat_line("pgbouncer", own[0]));
+            assert_eq!(follower.follow(4242).unwrap(), Some(own[0]));
+            assert_eq!(cpus_of_this_thread(), [own[0]]);
+            std::fs::remove_dir_all(root.path().join("4242")).unwrap();
+            let error = follower.follow(4242).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::NotFound);
+            assert_eq!(cpus_of_this_thread(), own);
+
+            write_stat(root.path(), 4243, &stat_line("pgbouncer", own[0]));
+            assert_eq!(follower.follow(4243).unwrap(), Some(own[0]));
             let error = follower.follow(0).unwrap_err();
             assert!(error.to_string().contains("pid namespace"), "{error}");
             assert_eq!(cpus_of_this_thread(), own);
