@@ -220,7 +220,7 @@ pub struct RunArgs {
     pub relay_login_rate: Option<u32>,
     /// Passthrough mode: keep the relay's thread on the CPU PgBouncer last ran on (read from
     /// /proc every 0.2 s; relay_listen on a unix socket only), so that their wake-ups stay on
-    /// one CPU [default: true].
+    /// one CPU [default: false].
     #[arg(
         long,
         env = "AWS_PGBOUNCER_RELAY_FOLLOW_PGBOUNCER_CPU",

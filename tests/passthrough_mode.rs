@@ -381,7 +381,7 @@ async fn wait_for_relay_on(client: &tokio_postgres::Client, daemon_pid: u32, cpu
     }
 }
 
-/// `relay_follow_pgbouncer_cpu`, on by default: the relay's thread runs where PgBouncer runs.
+/// With `relay_follow_pgbouncer_cpu` the relay's thread runs where PgBouncer runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relays_thread_runs_on_pgbouncers_cpu_and_follows_it() {
     let own = cpus_allowed(std::process::id());
@@ -392,7 +392,8 @@ async fn the_relays_thread_runs_on_pgbouncers_cpu_and_follows_it() {
     let standin = Standin::start();
     let work = test_dir("passthrough-cpu-follow");
     let listen_port = free_port();
-    let daemon = start(&standin, work.path(), listen_port);
+    let settings = format!("relay_follow_pgbouncer_cpu = true\n{SETTINGS}");
+    let daemon = Daemon::start_supervised(work.path(), &standin, listen_port, &settings);
     // The main thread's tid is the pid; on the one-thread runtime it runs the relay.
     let daemon_pid = daemon.pid();
     let pgbouncer_pid = only_child(daemon_pid);

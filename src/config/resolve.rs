@@ -153,7 +153,7 @@ fn resolve_mode(
             relay_follow_pgbouncer_cpu: args
                 .relay_follow_pgbouncer_cpu
                 .or(file.relay_follow_pgbouncer_cpu)
-                .unwrap_or(true),
+                .unwrap_or(false),
         }),
     })
 }

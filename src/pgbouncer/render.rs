@@ -309,7 +309,7 @@ pub(crate) mod tests {
                         rds_ca_file: "/etc/rds-ca.pem".into(),
                         relay_max_connections: None,
                         relay_login_rate: None,
-                        relay_follow_pgbouncer_cpu: true,
+                        relay_follow_pgbouncer_cpu: false,
                     })
                 }
             },
