@@ -30,8 +30,8 @@
 #                     BENCH_VARIANT_LINES added [none]; set either to compare two builds or two
 #                     settings side by side in one run, e.g.
 #                     BENCH_VARIANT_LINES='relay_follow_pgbouncer_cpu = false'
-#                     The set-ups' order alternates from round to round (config first in odd
-#                     rounds, last in even ones), so that none always runs first.
+#                     The set-ups' order rotates by one from round to round, so that each runs
+#                     in each position equally often (over a multiple of 2 or 3 rounds).
 set -euo pipefail
 ROUNDS=${BENCH_ROUNDS:-5}
 DURATION=${BENCH_DURATION:-20}
@@ -106,11 +106,9 @@ metrics passthrough "$RESULTS/passthrough-metrics-start.txt"
 TSV=$RESULTS/runs.tsv
 printf 'round\tworkload\tsetup\ttps\tlatency_ms\tfailed\tprocessed\tconn_ms\treloads\tdaemon_cpu_ms\tpgbouncer_cpu_ms\tload_before\tload_after\texit\n' >"$TSV"
 for ((round = 1; round <= ROUNDS; round++)); do
-    order=("${setups[@]}")
-    if ((round % 2 == 0)); then
-        order=()
-        for ((i = ${#setups[@]} - 1; i >= 0; i--)); do order+=("${setups[i]}"); done
-    fi
+    # Rotated by one each round: every set-up runs in every position equally often.
+    shift_by=$(((round - 1) % ${#setups[@]}))
+    order=("${setups[@]:shift_by}" "${setups[@]:0:shift_by}")
     for workload in "${workloads[@]}"; do
         for setup in "${order[@]}"; do
             reset_pgbench_tables
