@@ -2,7 +2,7 @@
 //! in to RDS with a token minted for it; PgBouncer's auth_query gets the relay's secret from
 //! the endpoint. Nothing PgBouncer holds can go stale.
 
-use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, LocalAddress};
+use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, LocalAddress, is_tcp};
 use super::running_mode::Start;
 use crate::config::{PassthroughSettings, Settings};
 use crate::endpoint::self_signed_tls;
@@ -54,7 +54,7 @@ impl PassthroughMode {
             server_tls: Some(own_tls.clone()),
             limits: relay_limits,
             metrics: Some(metrics.clone()),
-            follow_peer_cpu: passthrough.relay_follow_pgbouncer_cpu,
+            follow_peer_cpu: follows_pgbouncer_cpu(passthrough),
             ..relay_config(settings, &passthrough.rds_ca_file, secret.clone())?
         };
         let max_connections = config.limits.max_connections;
@@ -94,6 +94,20 @@ impl PassthroughMode {
     pub async fn refresh_now(&self, source: &Arc<TokenSource>) {
         self.endpoint.refresh_now(source).await;
     }
+}
+
+/// Whether the relay follows PgBouncer's CPU: it knows PgBouncer's pid only from a unix
+/// socket's `SO_PEERCRED`, so on TCP it cannot, which is said once.
+fn follows_pgbouncer_cpu(passthrough: &PassthroughSettings) -> bool {
+    let wanted = passthrough.relay_follow_pgbouncer_cpu;
+    if wanted && is_tcp(&passthrough.relay_listen) {
+        tracing::info!(
+            "relay_follow_pgbouncer_cpu needs relay_listen on a unix socket: the relay's thread \
+             keeps its own CPUs"
+        );
+        return false;
+    }
+    wanted
 }
 
 /// The relay: one target per database entry, keyed by its name.
