@@ -84,9 +84,13 @@ async fn print_token(args: TokenArgs) -> Result<(), String> {
             token::mint_dsql(&credentials, &key, now, expires_in)
         }
     };
-    // Printed tokens usually end up in a PgBouncer file, so they get PgBouncer's limit.
+    // Printed tokens usually end up in a PgBouncer file, so they get PgBouncer's limit: the
+    // conservative one, as no PgBouncer is at hand to measure.
+    let limit = token::PasswordLimit::CONSERVATIVE;
     let minted = minted
-        .and_then(|minted| token::check_pgbouncer_limit(&minted, &credentials).map(|()| minted))
+        .and_then(|minted| {
+            token::check_pgbouncer_limit(&minted, &credentials, limit).map(|()| minted)
+        })
         .map_err(|error| error.to_string())?;
     println!("{}", minted.expose());
     Ok(())

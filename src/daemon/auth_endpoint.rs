@@ -81,10 +81,13 @@ impl AuthEndpoint {
             .iter()
             .flat_map(Database::allowed_keys)
             .collect();
+        // A token too long only for the limit assumed until PgBouncer's is measured does not
+        // hold the start up: the measurement needs PgBouncer running on the files first.
         backoff::retry_until(async || {
             let mut all = true;
             for key in &keys {
-                all &= start.source.token(key).await.is_ok();
+                all &= (start.source.token(key).await)
+                    .map_or_else(|error| error.awaits_measured_limit(), |_| true);
             }
             all
         })
@@ -224,5 +227,9 @@ impl TokenLookup for SourceLookup {
                 Lookup::Unavailable(error.to_string())
             }
         }
+    }
+
+    fn password_limit(&self) -> crate::token::PasswordLimit {
+        self.source.pgbouncer_limit().get()
     }
 }

@@ -59,7 +59,7 @@ impl AuthQueryMode {
         };
         endpoint.write_pgbouncer_files(
             start,
-            ServerRoute::Direct,
+            ServerRoute::Direct { dir },
             ServerTls {
                 mode: settings.server_tls_mode.as_pgbouncer(),
                 ca_file: ca_file.as_deref(),

@@ -12,7 +12,7 @@ use crate::pgbouncer::render::{self, DATABASES_INI};
 use crate::token::{AuthToken, Changed, FreshToken, TokenSource};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub struct ConfigMode {
@@ -35,7 +35,7 @@ impl ConfigMode {
         } = *start;
         let mut tokens = TokenTable::default();
         backoff::retry_until(async || tokens.fill(source, &settings.databases).await).await;
-        let written = tokens.render(&settings.databases);
+        let written = tokens.render(&settings.databases, dir);
         super::write_pgbouncer_files(
             settings,
             dir,
@@ -62,7 +62,7 @@ impl ConfigMode {
         self.tokens
             .fill(source, databases.filter(|db| changed.contains(&db.target)))
             .await;
-        let fresh = self.tokens.render(&self.databases);
+        let fresh = self.tokens.render(&self.databases, &self.dir);
         if fresh.expose_secret() == self.written.expose_secret() {
             return false;
         }
@@ -95,7 +95,9 @@ struct TokenTable {
 }
 
 impl TokenTable {
-    /// Asks the source for each of `databases`' tokens; true when each got one.
+    /// Asks the source for each of `databases`' tokens; true when each got one or is too long
+    /// only for the limit assumed until PgBouncer's is measured (which needs PgBouncer
+    /// running on these files first; the entry follows once the measurement admits it).
     async fn fill<'a>(
         &mut self,
         source: &Arc<TokenSource>,
@@ -107,13 +109,13 @@ impl TokenTable {
                 Ok(fresh) => {
                     self.by_database.insert(database.name.clone(), fresh);
                 }
-                Err(_) => all = false,
+                Err(error) => all &= error.awaits_measured_limit(),
             }
         }
         all
     }
 
-    fn render(&self, databases: &[Database]) -> SecretString {
+    fn render(&self, databases: &[Database], dir: &Path) -> SecretString {
         let entries: Vec<(&Database, &AuthToken)> = databases
             .iter()
             .filter_map(|db| {
@@ -122,6 +124,6 @@ impl TokenTable {
                     .map(|fresh| (db, &fresh.token))
             })
             .collect();
-        render::databases_ini(entries)
+        render::databases_ini(entries, dir)
     }
 }

@@ -7,6 +7,7 @@
 mod auth_endpoint;
 mod auth_query_mode;
 mod config_mode;
+mod limit_probe;
 mod logging;
 mod passthrough_mode;
 mod pool_refresher;
@@ -123,6 +124,8 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
     ));
 
     let mut token_events = source.subscribe();
+    // Before any file names the probe's entry.
+    let limit_probe = limit_probe::LimitProbe::prepare(&settings, &dir).await?;
     let start = Start {
         settings: &settings,
         dir: &dir,
@@ -136,7 +139,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         stop = signals.next_stop() => return Ok(stop.outcome(lifecycle)),
     };
 
-    let reloader = Reloader::spawn(
+    let reloader = Arc::new(Reloader::spawn(
         AdminConsole::new(
             settings.listen,
             crate::pgbouncer::render::pgbouncer_socket_dir(&settings, &dir).as_deref(),
@@ -145,7 +148,10 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         running_mode::expected_server_tls(&settings),
         state.clone(),
         metrics.clone(),
-    );
+    ));
+    if let Some(probe) = limit_probe {
+        probe.spawn(source.clone(), reloader.clone());
+    }
     let mut child = match &lifecycle.supervise {
         Some(pgbouncer_bin) => Some(Supervised::start(pgbouncer_bin, &dir.join(PGBOUNCER_INI))?),
         None => None,

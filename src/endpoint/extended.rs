@@ -5,7 +5,6 @@ use super::frontend::{FrontendMessage, Target};
 use super::queries::{MAX_OBJECTS, Queries, QueryError};
 use super::sql::max_placeholder;
 use super::{Lookup, TokenLookup};
-use crate::token::MAX_TOKEN_BYTES;
 use crate::wire::backend::{self, Column, TEXT_OID};
 use bytes::BytesMut;
 use secrecy::ExposeSecret;
@@ -214,14 +213,13 @@ impl<L: TokenLookup> Queries<'_, L> {
         match answer {
             Lookup::Token(token) => {
                 let token = token.expose_secret();
-                if token.len() > MAX_TOKEN_BYTES {
+                let limit = self.shared.lookup.password_limit();
+                if !limit.admits(token.len()) {
                     // PgBouncer would cut it short, and the login to RDS would fail later,
                     // far from the cause.
                     return Err(QueryError(
                         SqlState::STRING_DATA_RIGHT_TRUNCATION,
-                        format!(
-                            "token for user \"{user}\" is longer than PgBouncer's {MAX_TOKEN_BYTES}-byte password limit"
-                        ),
+                        format!("token for user \"{user}\" is longer than PgBouncer's {limit}"),
                     ));
                 }
                 backend::data_row(out, &[user.as_bytes(), token.as_bytes()]);

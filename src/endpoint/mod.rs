@@ -45,6 +45,11 @@ use std::time::Duration;
 pub trait TokenLookup: Send + Sync + 'static {
     /// The current token for `user` at the target named `database`, or why not.
     fn lookup(&self, database: &str, user: &str) -> impl Future<Output = Lookup> + Send;
+
+    /// The longest token PgBouncer passes on whole; a longer one is refused, not truncated.
+    fn password_limit(&self) -> crate::token::PasswordLimit {
+        crate::token::PasswordLimit::CONSERVATIVE
+    }
 }
 
 /// The answer to one lookup.

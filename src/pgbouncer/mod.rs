@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod files;
+pub mod password_probe;
 pub mod render;
 pub mod scram_only;
 pub mod server_connections;

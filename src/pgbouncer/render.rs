@@ -5,6 +5,7 @@
 //! changes at each token refresh. Users who keep their own pgbouncer.ini `%include` the same
 //! `databases.ini`.
 
+use super::password_probe::PROBE_INI;
 use crate::config::Mode;
 use crate::config::{AUTH_DATABASE_PREFIX, Client, Database, Settings};
 use crate::token::AuthToken;
@@ -99,9 +100,11 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>)
     ini
 }
 
-/// One entry per database, with the IAM user forced and the current token as its password.
+/// One entry per database, with the IAM user forced and the current token as its password,
+/// and the password-limit probe's entry from `dir`.
 pub fn databases_ini<'a>(
     entries: impl IntoIterator<Item = (&'a Database, &'a AuthToken)>,
+    dir: &Path,
 ) -> SecretString {
     let mut ini = String::from(HEADER);
     ini.push_str("[databases]\n");
@@ -123,13 +126,22 @@ pub fn databases_ini<'a>(
         }
         ini.push('\n');
     }
+    include_password_probe(&mut ini, dir);
     SecretString::from(ini)
+}
+
+/// In the modes where PgBouncer hands the tokens to RDS, `databases.ini` ends with the
+/// password-limit probe's file, which holds the probe's entry while it measures PgBouncer
+/// ([`super::password_probe`]). Users' own pgbouncer.ini get it with `databases.ini`.
+fn include_password_probe(ini: &mut String, dir: &Path) {
+    let _ = writeln!(ini, "%include {}", dir.join(PROBE_INI).display());
 }
 
 /// Where PgBouncer's server connections for the application entries go.
 pub enum ServerRoute<'a> {
-    /// Straight to each entry's database server (auth-query mode).
-    Direct,
+    /// Straight to each entry's database server (auth-query mode), with the tokens as
+    /// passwords: the file includes the password-limit probe's from the daemon's `dir`.
+    Direct { dir: &'a Path },
     /// Through the daemon's relay, which picks the server by the database name PgBouncer
     /// sends: the entry's name (passthrough mode).
     Relay { host: &'a str, port: u16 },
@@ -150,7 +162,7 @@ pub fn auth_query_databases_ini(
     for database in databases {
         let auth_entry = auth_database_name(&database.name);
         let (host, server_port, dbname) = match route {
-            ServerRoute::Direct => {
+            ServerRoute::Direct { .. } => {
                 let (host, port) = database.dial_address();
                 (host, port, &database.dbname)
             }
@@ -172,6 +184,9 @@ pub fn auth_query_databases_ini(
             quote_value(endpoint_host),
             quote_value(&database.name),
         );
+    }
+    if let ServerRoute::Direct { dir } = route {
+        include_password_probe(&mut ini, dir);
     }
     ini
 }
@@ -374,10 +389,11 @@ pub(crate) mod tests {
             SystemTime::now(),
             SystemTime::now(),
         );
-        let ini = databases_ini([(&db, &token)]);
-        assert!(ini.expose_secret().contains(
+        let ini = databases_ini([(&db, &token)], Path::new("/run/aws-pgbouncer"));
+        assert!(ini.expose_secret().ends_with(
             "app = host='db.example.internal' port=5432 dbname='app_db' user='o''neil' \
-             password='h:5432/?a=b&c=d' pool_mode='transaction'\n"
+             password='h:5432/?a=b&c=d' pool_mode='transaction'\n\
+             %include /run/aws-pgbouncer/password-probe.ini\n"
         ));
     }
 

@@ -35,6 +35,18 @@ impl TokenError {
         }
     }
 
+    /// Refused as longer than PgBouncer's password limit.
+    pub fn is_too_long(&self) -> bool {
+        matches!(self, TokenError::Mint(error) if matches!(error.as_ref(), MintError::TooLong { .. }))
+    }
+
+    /// Refused as too long for the limit assumed until PgBouncer's is measured: a start-up
+    /// need not wait for such a token, which the measurement may yet admit.
+    pub fn awaits_measured_limit(&self) -> bool {
+        matches!(self, TokenError::Mint(error) if matches!(error.as_ref(),
+            MintError::TooLong { limit, .. } if limit.learned == super::Learned::Assumed))
+    }
+
     /// The same error, naming the role whose credentials could not be had: the SDK's text
     /// alone ("connection refused", "access denied") does not say which of several roles.
     pub fn assuming(self, role: &AssumedRole) -> Self {

@@ -7,7 +7,7 @@
 //! and lays the result out in botocore's order. Nothing here depends on the partition (China,
 //! GovCloud): botocore signs every region alike, with the region and service as given.
 
-use super::{AuthToken, TokenKey, TokenKind};
+use super::{AuthToken, PasswordLimit, TokenKey, TokenKind};
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{
     SignableBody, SignableRequest, SignatureLocation, SigningError, SigningSettings, sign,
@@ -18,11 +18,11 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// PgBouncer keeps passwords in a 2048-byte buffer that includes the NUL and truncates longer
-/// ones without a word, so a longer token would fail at RDS with no hint of why.
-/// `check_pgbouncer_limit` applies it; `mint` does not, because the relay hands tokens to RDS
-/// itself and has no such limit.
-pub const MAX_TOKEN_BYTES: usize = 2047;
+/// The conservative PgBouncer password limit ([`PasswordLimit::CONSERVATIVE`]): what holds
+/// until the running PgBouncer's is measured, and for tokens printed by the `token` command.
+/// `check_pgbouncer_limit` applies a limit; `mint` does not, because the relay hands tokens to
+/// RDS itself and has no such limit.
+pub const MAX_TOKEN_BYTES: usize = PasswordLimit::CONSERVATIVE.bytes;
 
 /// botocore's `percent_encode`: everything but RFC 3986's unreserved characters. `aws-sigv4`
 /// re-encodes query values with the same set, so a value encoded here signs as botocore signs it.
@@ -68,11 +68,15 @@ pub enum MintError {
     #[error("region {0:?} is not an AWS region name (lower-case letters, digits and '-')")]
     InvalidRegion(String),
     #[error(
-        "token is {len} bytes, over PgBouncer's {MAX_TOKEN_BYTES}-byte password limit \
-         (PgBouncer would truncate it silently and RDS would refuse the login); {cause}; \
-         passthrough mode, where the daemon hands tokens to RDS itself, has no such limit"
+        "token is {len} bytes, over PgBouncer's {limit} (PgBouncer would truncate it silently \
+         and RDS would refuse the login); {cause}; passthrough mode, where the daemon hands \
+         tokens to RDS itself, has no such limit"
     )]
-    TooLong { len: usize, cause: String },
+    TooLong {
+        len: usize,
+        limit: PasswordLimit,
+        cause: String,
+    },
     #[error("SigV4 signing failed")]
     Signing(#[source] SigningError),
 }
@@ -181,14 +185,15 @@ pub(super) fn presign(
     Ok(AuthToken::new(text, signed_at, signed_at + expires_in))
 }
 
-/// Refuses a token that PgBouncer would truncate, naming the likely cause: `credentials` are
-/// the ones `token` was signed with.
+/// Refuses a token that a PgBouncer with `limit` would truncate, naming the likely cause:
+/// `credentials` are the ones `token` was signed with.
 pub fn check_pgbouncer_limit(
     token: &AuthToken,
     credentials: &Credentials,
+    limit: PasswordLimit,
 ) -> Result<(), MintError> {
     let len = token.expose().len();
-    if len <= MAX_TOKEN_BYTES {
+    if limit.admits(len) {
         return Ok(());
     }
     let cause = match credentials.session_token() {
@@ -203,7 +208,7 @@ pub fn check_pgbouncer_limit(
                  name takes 3 bytes once percent-encoded)"
             .to_owned(),
     };
-    Err(MintError::TooLong { len, cause })
+    Err(MintError::TooLong { len, limit, cause })
 }
 
 /// A host that `http::Uri` and Python's `urlsplit` could parse differently (userinfo, brackets,
@@ -304,7 +309,8 @@ mod tests {
     fn too_long_token_is_refused_for_pgbouncer_and_blames_the_session_token() {
         let credentials = creds(Some(&"A".repeat(2000)));
         let token = mint_rds(&credentials, &key(), at(), Duration::from_secs(900)).unwrap();
-        let err = check_pgbouncer_limit(&token, &credentials).unwrap_err();
+        let err =
+            check_pgbouncer_limit(&token, &credentials, PasswordLimit::CONSERVATIVE).unwrap_err();
         let MintError::TooLong { len, .. } = err else {
             panic!("expected TooLong, got {err:?}");
         };
@@ -315,7 +321,10 @@ mod tests {
             message.contains(&format!("token is {len} bytes")),
             "{message}"
         );
-        assert!(message.contains("2047-byte"), "{message}");
+        assert!(
+            message.contains("2047-byte password limit (assumed"),
+            "{message}"
+        );
         assert!(message.contains("long session token"), "{message}");
         assert!(message.contains("2000 bytes"), "{message}");
         assert!(message.contains("passthrough mode"), "{message}");
@@ -330,11 +339,28 @@ mod tests {
         let fits = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base)));
         let token = mint_rds(&fits, &key(), at(), Duration::from_secs(900)).unwrap();
         assert_eq!(token.expose().len(), MAX_TOKEN_BYTES);
-        check_pgbouncer_limit(&token, &fits).unwrap();
+        check_pgbouncer_limit(&token, &fits, PasswordLimit::CONSERVATIVE).unwrap();
         let over = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base + 1)));
         let token = mint_rds(&over, &key(), at(), Duration::from_secs(900)).unwrap();
-        let err = check_pgbouncer_limit(&token, &over).unwrap_err();
+        let err = check_pgbouncer_limit(&token, &over, PasswordLimit::CONSERVATIVE).unwrap_err();
         assert!(matches!(err, MintError::TooLong { len, .. } if len == MAX_TOKEN_BYTES + 1));
+    }
+
+    #[test]
+    fn a_measured_limit_replaces_the_conservative_one() {
+        let credentials = creds(Some(&"A".repeat(3000)));
+        let token = mint_rds(&credentials, &key(), at(), Duration::from_secs(900)).unwrap();
+        let measured = |bytes| PasswordLimit {
+            bytes,
+            learned: super::super::Learned::Measured,
+        };
+        check_pgbouncer_limit(&token, &credentials, measured(65530)).unwrap();
+        let err = check_pgbouncer_limit(&token, &credentials, measured(2500)).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("over PgBouncer's 2500-byte password limit (measured"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -376,7 +402,7 @@ mod tests {
         let long = mint_rds(&c, &key(), at(), Duration::from_secs(900)).unwrap();
         let errors = [
             mint_rds(&c, &key(), at(), Duration::from_secs(901)).unwrap_err(),
-            check_pgbouncer_limit(&long, &c).unwrap_err(),
+            check_pgbouncer_limit(&long, &c, PasswordLimit::CONSERVATIVE).unwrap_err(),
             mint_rds(
                 &c,
                 &key(),

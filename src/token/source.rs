@@ -11,7 +11,9 @@
 use super::credentials::{CredentialCache, minimum_life};
 use super::events::{BACKLOG, KeyEvents};
 use super::health::{KeyHealth, TokenError};
-use super::{AssumedRole, AuthToken, TokenKey, check_pgbouncer_limit, mint};
+use super::{
+    AssumedRole, AuthToken, LimitInForce, PasswordLimit, TokenKey, check_pgbouncer_limit, mint,
+};
 use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
@@ -31,7 +33,7 @@ enum Renewal {
 /// Who hands the tokens to RDS, which decides how long they may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Presenter {
-    /// PgBouncer, as a password (config and auth-query modes): at most `MAX_TOKEN_BYTES`.
+    /// PgBouncer, as a password (config and auth-query modes): within its password limit.
     PgBouncer,
     /// The daemon's relay (passthrough mode): no limit of ours; RDS has the last word.
     Relay,
@@ -67,6 +69,8 @@ pub struct TokenSource {
     role_credentials: tokio::sync::Mutex<HashMap<(AssumedRole, String), Arc<CredentialCache>>>,
     lifetime: Duration,
     presenter: Presenter,
+    /// PgBouncer's password limit, for `Presenter::PgBouncer`.
+    limit: LimitInForce,
     cache: Cache<TokenKey, Arc<FreshToken>>,
     registered: Mutex<Registered>,
     /// Each key that gets a new token.
@@ -94,6 +98,7 @@ impl TokenSource {
             role_credentials: tokio::sync::Mutex::default(),
             lifetime,
             presenter,
+            limit: LimitInForce::default(),
             cache,
             registered: Mutex::default(),
             events: broadcast::Sender::new(BACKLOG),
@@ -186,7 +191,9 @@ impl TokenSource {
         };
         let token = mint(&credentials, key, SystemTime::now(), self.lifetime)
             .and_then(|token| match self.presenter {
-                Presenter::PgBouncer => check_pgbouncer_limit(&token, &credentials).map(|()| token),
+                Presenter::PgBouncer => {
+                    check_pgbouncer_limit(&token, &credentials, self.limit.get()).map(|()| token)
+                }
                 Presenter::Relay => Ok(token),
             })
             .map_err(|error| TokenError::Mint(Arc::new(error)))?;
@@ -210,6 +217,38 @@ impl TokenSource {
         let cache = Arc::new(self.credentials.assuming(role, region).await);
         caches.insert(id, cache.clone());
         cache
+    }
+
+    /// PgBouncer's password limit in force, shared with whoever must hold to it too.
+    pub fn pgbouncer_limit(&self) -> &LimitInForce {
+        &self.limit
+    }
+
+    /// Puts PgBouncer's measured password limit in force, logs it once, and mints at once for
+    /// every key whose last mint was refused as too long: the wait for the measurement, not
+    /// the token, was what kept it from being served.
+    pub async fn learn_pgbouncer_limit(self: &Arc<Self>, limit: PasswordLimit) {
+        let before = self.limit.replace(limit);
+        tracing::info!(
+            bytes = limit.bytes,
+            previously = before.bytes,
+            "PgBouncer's {limit}"
+        );
+        let refused: Vec<TokenKey> = {
+            let registered = self.registered.lock().expect("registry lock poisoned");
+            (registered.health.iter())
+                .filter(|(_, health)| {
+                    health
+                        .last_error
+                        .as_ref()
+                        .is_some_and(TokenError::is_too_long)
+                })
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        for key in refused {
+            let _ = self.renew(&key, Renewal::Now).await;
+        }
     }
 
     fn record_success(&self, key: &TokenKey, fresh: &FreshToken) {

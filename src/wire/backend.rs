@@ -42,6 +42,11 @@ pub fn authentication_ok(out: &mut BytesMut) {
     message(out, b'R', |b| b.put_i32(0));
 }
 
+/// Asks for the password in clear text: what the password-limit probe wants to measure.
+pub fn authentication_cleartext_password(out: &mut BytesMut) {
+    message(out, b'R', |b| b.put_i32(3));
+}
+
 pub fn authentication_sasl(out: &mut BytesMut, mechanism: &str) {
     message(out, b'R', |b| {
         b.put_i32(10);
