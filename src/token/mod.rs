@@ -14,10 +14,12 @@ pub use credentials::{CredentialCache, default_chain, minimum_life};
 pub use dsql::{DsqlAction, DsqlKey, mint_dsql};
 pub use events::{Changed, KeyEvents};
 pub use health::{KeyHealth, TokenError};
-pub use password_limit::{Learned, LimitInForce, PasswordLimit};
+pub use password_limit::{
+    Learned, LimitInForce, MAX_TOKEN_BYTES, PasswordLimit, check_pgbouncer_limit,
+};
 pub use region::{RegionError, region_from_host, resolve_region};
 pub use role::AssumedRole;
-pub use signer::{MAX_TOKEN_BYTES, MintError, check_pgbouncer_limit};
+pub use signer::MintError;
 pub use source::{FreshToken, Presenter, TokenSource};
 
 use aws_credential_types::Credentials;

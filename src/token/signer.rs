@@ -18,15 +18,9 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The conservative PgBouncer password limit ([`PasswordLimit::CONSERVATIVE`]): what holds
-/// until the running PgBouncer's is measured, and for tokens printed by the `token` command.
-/// `check_pgbouncer_limit` applies a limit; `mint` does not, because the relay hands tokens to
-/// RDS itself and has no such limit.
-pub const MAX_TOKEN_BYTES: usize = PasswordLimit::CONSERVATIVE.bytes;
-
 /// botocore's `percent_encode`: everything but RFC 3986's unreserved characters. `aws-sigv4`
 /// re-encodes query values with the same set, so a value encoded here signs as botocore signs it.
-const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+pub(super) const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
     .remove(b'.')
@@ -185,32 +179,6 @@ pub(super) fn presign(
     Ok(AuthToken::new(text, signed_at, signed_at + expires_in))
 }
 
-/// Refuses a token that a PgBouncer with `limit` would truncate, naming the likely cause:
-/// `credentials` are the ones `token` was signed with.
-pub fn check_pgbouncer_limit(
-    token: &AuthToken,
-    credentials: &Credentials,
-    limit: PasswordLimit,
-) -> Result<(), MintError> {
-    let len = token.expose().len();
-    if limit.admits(len) {
-        return Ok(());
-    }
-    let cause = match credentials.session_token() {
-        Some(session_token) => format!(
-            "the session token alone takes {} bytes of it once percent-encoded; likely cause: \
-             a long session token (many session tags, a large session policy or role chaining)",
-            utf8_percent_encode(session_token, UNRESERVED)
-                .map(str::len)
-                .sum::<usize>()
-        ),
-        None => "likely cause: a very long user or host name (each non-ASCII byte of the user \
-                 name takes 3 bytes once percent-encoded)"
-            .to_owned(),
-    };
-    Err(MintError::TooLong { len, limit, cause })
-}
-
 /// A host that `http::Uri` and Python's `urlsplit` could parse differently (userinfo, brackets,
 /// paths) would break byte-identity, and no RDS endpoint needs such characters.
 fn check_host(host: &str) -> Result<(), MintError> {
@@ -240,12 +208,13 @@ fn check_region(region: &str) -> Result<(), MintError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::token::check_pgbouncer_limit;
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
 
-    fn key() -> TokenKey {
+    pub(in crate::token) fn key() -> TokenKey {
         TokenKey {
             kind: TokenKind::Rds,
             host: "mydb.cluster-abc123.us-east-1.rds.amazonaws.com".into(),
@@ -256,7 +225,7 @@ mod tests {
         }
     }
 
-    fn creds(session_token: Option<&str>) -> Credentials {
+    pub(in crate::token) fn creds(session_token: Option<&str>) -> Credentials {
         Credentials::new(
             "AKIAIOSFODNN7EXAMPLE",
             SECRET,
@@ -266,7 +235,7 @@ mod tests {
         )
     }
 
-    fn at() -> SystemTime {
+    pub(in crate::token) fn at() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_724_709_600)
     }
 
@@ -303,64 +272,6 @@ mod tests {
         .unwrap();
         assert_eq!(token.signed_at, at());
         assert_eq!(token.expires_at, at() + Duration::from_secs(900));
-    }
-
-    #[test]
-    fn too_long_token_is_refused_for_pgbouncer_and_blames_the_session_token() {
-        let credentials = creds(Some(&"A".repeat(2000)));
-        let token = mint_rds(&credentials, &key(), at(), Duration::from_secs(900)).unwrap();
-        let err =
-            check_pgbouncer_limit(&token, &credentials, PasswordLimit::CONSERVATIVE).unwrap_err();
-        let MintError::TooLong { len, .. } = err else {
-            panic!("expected TooLong, got {err:?}");
-        };
-        assert_eq!(len, token.expose().len());
-        assert!(len > MAX_TOKEN_BYTES);
-        let message = err.to_string();
-        assert!(
-            message.contains(&format!("token is {len} bytes")),
-            "{message}"
-        );
-        assert!(
-            message.contains("2047-byte password limit (assumed"),
-            "{message}"
-        );
-        assert!(message.contains("long session token"), "{message}");
-        assert!(message.contains("2000 bytes"), "{message}");
-        assert!(message.contains("passthrough mode"), "{message}");
-    }
-
-    #[test]
-    fn the_pgbouncer_limit_is_2047_bytes_exactly() {
-        let base = mint_rds(&creds(Some("")), &key(), at(), Duration::from_secs(900))
-            .unwrap()
-            .expose()
-            .len();
-        let fits = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base)));
-        let token = mint_rds(&fits, &key(), at(), Duration::from_secs(900)).unwrap();
-        assert_eq!(token.expose().len(), MAX_TOKEN_BYTES);
-        check_pgbouncer_limit(&token, &fits, PasswordLimit::CONSERVATIVE).unwrap();
-        let over = creds(Some(&"A".repeat(MAX_TOKEN_BYTES - base + 1)));
-        let token = mint_rds(&over, &key(), at(), Duration::from_secs(900)).unwrap();
-        let err = check_pgbouncer_limit(&token, &over, PasswordLimit::CONSERVATIVE).unwrap_err();
-        assert!(matches!(err, MintError::TooLong { len, .. } if len == MAX_TOKEN_BYTES + 1));
-    }
-
-    #[test]
-    fn a_measured_limit_replaces_the_conservative_one() {
-        let credentials = creds(Some(&"A".repeat(3000)));
-        let token = mint_rds(&credentials, &key(), at(), Duration::from_secs(900)).unwrap();
-        let measured = |bytes| PasswordLimit {
-            bytes,
-            learned: super::super::Learned::Measured,
-        };
-        check_pgbouncer_limit(&token, &credentials, measured(65530)).unwrap();
-        let err = check_pgbouncer_limit(&token, &credentials, measured(2500)).unwrap_err();
-        let message = err.to_string();
-        assert!(
-            message.contains("over PgBouncer's 2500-byte password limit (measured"),
-            "{message}"
-        );
     }
 
     #[test]
