@@ -384,3 +384,36 @@ async fn the_limit_is_what_pgbouncer_sent() {
         Duration::from_secs(20),
     );
 }
+
+/// A PgBouncer that never dials the probe (here its entry lost `min_pool_size`, as for a
+/// PgBouncer older than 1.21) leaves the assumed limit in force: a warning 10 s after its first
+/// RELOAD says so, and the entry is emptied out all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgbouncer_that_never_dials_the_probe_keeps_the_assumed_limit() {
+    let standin = Standin::start();
+    let work = test_dir("password-limit-silent");
+    let no_pool = |dir: &Path| {
+        let probe_ini = dir.join("password-probe.ini");
+        let text = std::fs::read_to_string(&probe_ini).unwrap();
+        assert!(text.contains(" min_pool_size=1"), "{text}");
+        std::fs::write(&probe_ini, text.replace(" min_pool_size=1", "")).unwrap();
+    };
+    let (mut daemon, _pgbouncer) = start_unsupervised(
+        work.path(),
+        &standin,
+        &standin.static_creds(),
+        "config",
+        free_port(),
+        &support::Testbed::locate().pgbouncer,
+        no_pool,
+    );
+    daemon.wait_for_log(
+        "PgBouncer did not connect to the password-limit probe",
+        Duration::from_secs(30),
+    );
+    let probe_ini = wait_for_the_probe_entry_to_go(&daemon.pgbouncer_dir);
+    assert!(probe_ini.contains("nothing measured"), "{probe_ini}");
+    let log = daemon.log();
+    assert!(log.contains("2047-byte password limit (assumed"), "{log}");
+    assert!(!log.contains("password limit (measured"), "{log}");
+}

@@ -5,6 +5,8 @@
 //! without one, the conservative limit stays in force.
 
 use super::reloader::Reloader;
+use super::state::DaemonState;
+use crate::backoff;
 use crate::config::{LocalListen, ModeSettings, Settings};
 use crate::pgbouncer::files::write_atomically;
 use crate::pgbouncer::password_probe::{
@@ -19,10 +21,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// PgBouncer dials the probe within a third of a second of reading its entry; this covers a
-/// PgBouncer that starts (or is reloaded) well after the daemon. One that does not dial it by
-/// then (older than 1.21, or paused) keeps the conservative limit.
-const PATIENCE: Duration = Duration::from_secs(60);
+/// PgBouncer 1.21 and newer dials the probe within a third of a second of reading its entry,
+/// counted from the first RELOAD (however late PgBouncer comes up). One that does not dial it
+/// by then (older, or paused) keeps the conservative limit.
+const PATIENCE: Duration = Duration::from_secs(10);
+const RETRY_CAP: Duration = Duration::from_secs(30);
 
 pub(super) struct LimitProbe {
     listener: BoundListener,
@@ -62,8 +65,9 @@ impl LimitProbe {
     }
 
     /// Serves the probe in the background until it has measured PgBouncer or `PATIENCE` has
-    /// passed, puts what it measured in force, then empties the entry and has PgBouncer reload.
-    pub fn spawn(self, source: Arc<TokenSource>, reloader: Arc<Reloader>) {
+    /// passed since PgBouncer first loaded the files, puts what it measured in force, then
+    /// empties the entry and has PgBouncer reload.
+    pub fn spawn(self, source: Arc<TokenSource>, state: Arc<DaemonState>, reloader: Arc<Reloader>) {
         tokio::spawn(async move {
             let (measured, mut received) = mpsc::channel(1);
             let probe = Arc::new(PasswordProbe {
@@ -80,16 +84,23 @@ impl LimitProbe {
                 serving,
                 stop.clone().cancelled_owned(),
             ));
-            let limit = tokio::time::timeout(PATIENCE, received.recv()).await;
+            let out_of_patience = async {
+                state.until_started().await;
+                tokio::time::sleep(PATIENCE).await;
+            };
+            let limit = tokio::select! {
+                limit = received.recv() => limit,
+                () = out_of_patience => None,
+            };
             stop.cancel();
             // The listener drops with the server, which removes the socket.
             let _ = server.await;
             let outcome = match limit {
-                Ok(Some(limit)) => {
+                Some(limit) => {
                     source.learn_pgbouncer_limit(limit).await;
                     format!("measured PgBouncer's {limit}")
                 }
-                _ => {
+                None => {
                     tracing::warn!(
                         patience_secs = PATIENCE.as_secs(),
                         "PgBouncer did not connect to the password-limit probe (PgBouncer \
@@ -102,12 +113,14 @@ impl LimitProbe {
                 }
             };
             let finished = finished_probe_ini(&outcome);
-            match write_atomically(&self.dir, PROBE_INI, finished.as_bytes()) {
-                Ok(()) => reloader.request(),
-                Err(error) => {
-                    tracing::warn!(%error, "could not empty the password-limit probe's entry")
-                }
+            // Until it is emptied, PgBouncer keeps dialing the closed probe socket.
+            let mut failures = 0;
+            while let Err(error) = write_atomically(&self.dir, PROBE_INI, finished.as_bytes()) {
+                failures += 1;
+                tracing::warn!(%error, failures, "could not empty the password-limit probe's entry; retrying");
+                tokio::time::sleep(backoff::delay(backoff::FIRST, failures, RETRY_CAP)).await;
             }
+            reloader.request();
         });
     }
 }

@@ -150,7 +150,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         metrics.clone(),
     ));
     if let Some(probe) = limit_probe {
-        probe.spawn(source.clone(), reloader.clone());
+        probe.spawn(source.clone(), state.clone(), reloader.clone());
     }
     let mut child = match &lifecycle.supervise {
         Some(pgbouncer_bin) => Some(Supervised::start(pgbouncer_bin, &dir.join(PGBOUNCER_INI))?),

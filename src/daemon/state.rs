@@ -8,11 +8,13 @@ use crate::http::{Probes, Readiness};
 use crate::token::{TokenKey, TokenSource};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 pub struct DaemonState {
     source: Arc<TokenSource>,
     targets: Vec<TokenKey>,
-    started: AtomicBool,
+    /// Watched by what must wait until PgBouncer has read the daemon's files.
+    started: watch::Sender<bool>,
     stopping: AtomicBool,
     /// The last failure to reach PgBouncer's admin console, cleared by the next success.
     pgbouncer_trouble: Mutex<Option<String>>,
@@ -31,7 +33,7 @@ impl DaemonState {
         Self {
             source,
             targets,
-            started: AtomicBool::new(false),
+            started: watch::Sender::new(false),
             stopping: AtomicBool::new(false),
             pgbouncer_trouble: Mutex::new(Some("PgBouncer has not answered yet".into())),
         }
@@ -39,13 +41,18 @@ impl DaemonState {
 
     /// PgBouncer has loaded the files with the current tokens.
     pub fn mark_started(&self) {
-        if !self.started.swap(true, Ordering::Relaxed) {
+        if !self.started.send_replace(true) {
             tracing::info!("started: PgBouncer has the first tokens");
             match crate::startup_pages::release() {
                 Ok(bytes) => tracing::debug!(bytes, "start-up code pages released"),
                 Err(error) => tracing::debug!(%error, "cannot release start-up code pages"),
             }
         }
+    }
+
+    /// Returns once PgBouncer has loaded the daemon's files (the first RELOAD).
+    pub async fn until_started(&self) {
+        let _ = self.started.subscribe().wait_for(|started| *started).await;
     }
 
     pub fn mark_stopping(&self) {
@@ -63,7 +70,7 @@ impl DaemonState {
 
 impl Probes for DaemonState {
     fn started(&self) -> bool {
-        self.started.load(Ordering::Relaxed)
+        *self.started.borrow()
     }
 
     fn readiness(&self) -> Readiness {
