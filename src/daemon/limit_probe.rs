@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 /// counted from the first RELOAD (however late PgBouncer comes up). One that does not dial it
 /// by then (older, or paused) keeps the conservative limit.
 const PATIENCE: Duration = Duration::from_secs(10);
+/// The longest wait between tries to empty the probe's entry out.
 const RETRY_CAP: Duration = Duration::from_secs(30);
 
 pub(super) struct LimitProbe {
