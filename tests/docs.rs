@@ -1,7 +1,7 @@
 //! The README's reference table is the CLI's and the config file's: every `run` flag, its
 //! environment variable and its TOML key are documented, nothing documented is missing from
 //! the CLI or the config file, and the modes a flag applies to are named alike in both; the
-//! same for the `token` command's flags.
+//! same for the `token` command's flags; and every test the capability table names exists.
 
 mod support;
 
@@ -228,4 +228,47 @@ fn the_readme_documents_every_command() {
             "README does not show `aws-pgbouncer {name} ...`"
         );
     }
+}
+
+/// The capability table names tests as `path::function` (or a script by its path); a renamed or
+/// deleted test would leave a capability claimed by nothing, so every name must resolve.
+#[test]
+fn every_test_the_capability_table_names_exists() {
+    let root = support::repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let table = readme
+        .split("| capability | proved by |")
+        .nth(1)
+        .expect("README has the capability table")
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for cell in table.lines().filter_map(|row| row.rsplit('|').nth(1)) {
+        for name in cell.split('`').skip(1).step_by(2) {
+            let (path, function) = name.split_once("::").unwrap_or((name, ""));
+            if !(path.starts_with("tests/")
+                || path.starts_with("src/")
+                || path.starts_with("scripts/"))
+            {
+                continue;
+            }
+            named += 1;
+            let source = std::fs::read_to_string(root.join(path)).unwrap_or_default();
+            let defined = if function.is_empty() {
+                !source.is_empty()
+            } else {
+                source.contains(&format!("fn {function}("))
+            };
+            if !defined {
+                missing.push(name.to_owned());
+            }
+        }
+    }
+    assert!(named >= 40, "the table names {named} tests; is it parsed?");
+    assert!(
+        missing.is_empty(),
+        "the capability table names what does not exist: {missing:?}"
+    );
 }

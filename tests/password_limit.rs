@@ -218,13 +218,14 @@ async fn pgbouncer_1_24_1s_limit_is_measured_as_2047_bytes() {
 /// A PgBouncer built from the development branch keeps 65530 bytes: measured as such, tokens
 /// of about 3 KB (a long session token) are handed to it in config and auth-query modes and
 /// log in to the stand-in whole. PgBouncer here is the user's own process on the daemon's
-/// files, not supervised. Skipped unless `AWS_PGBOUNCER_DEV_PGBOUNCER` names the binary.
+/// files, not supervised. Ignored by default (no such build is packaged anywhere the test bed
+/// can fetch): run it with `AWS_PGBOUNCER_DEV_PGBOUNCER` naming the binary and
+/// `cargo nextest run --run-ignored only --test password_limit`; without the variable it fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a development-branch PgBouncer named by AWS_PGBOUNCER_DEV_PGBOUNCER"]
 async fn a_development_pgbouncers_limit_is_measured_as_65530_bytes_and_long_tokens_pass() {
-    let Some(dev_pgbouncer) = std::env::var_os("AWS_PGBOUNCER_DEV_PGBOUNCER") else {
-        eprintln!("skipped: AWS_PGBOUNCER_DEV_PGBOUNCER is not set");
-        return;
-    };
+    let dev_pgbouncer = std::env::var_os("AWS_PGBOUNCER_DEV_PGBOUNCER")
+        .expect("AWS_PGBOUNCER_DEV_PGBOUNCER names a PgBouncer built from the development branch");
     let standin = Standin::start();
     let creds = Creds::new(
         "ASIADEVPGBOUNCER0001",
