@@ -10,8 +10,10 @@ use crate::endpoint::{
 };
 use crate::metrics::{AuthQueryResult, Metrics};
 use crate::pgbouncer::admin::reachable_ip;
+use crate::pgbouncer::databases_ini::{ServerRoute, auth_query_databases_ini};
 use crate::pgbouncer::files::load_or_create_secret;
-use crate::pgbouncer::render::{self, ServerRoute, ServerTls};
+use crate::pgbouncer::login_rules::userlist;
+use crate::pgbouncer::render::{self, ServerTls};
 use crate::token::{TokenKey, TokenSource};
 use secrecy::SecretString;
 use std::collections::HashMap;
@@ -111,13 +113,13 @@ impl AuthEndpoint {
         super::write_pgbouncer_files(
             settings,
             start.dir,
-            &render::auth_query_databases_ini(
+            &auth_query_databases_ini(
                 &settings.databases,
                 route,
                 &self.address.host,
                 self.address.port,
             ),
-            &render::userlist(start.admin_secret, Some(&self.secret), &settings.clients),
+            &userlist(start.admin_secret, Some(&self.secret), &settings.clients),
             server_tls,
         )
     }

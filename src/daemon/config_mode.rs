@@ -7,7 +7,9 @@
 use super::running_mode::Start;
 use crate::backoff;
 use crate::config::Database;
+use crate::pgbouncer::databases_ini::databases_ini;
 use crate::pgbouncer::files::write_atomically;
+use crate::pgbouncer::login_rules::userlist;
 use crate::pgbouncer::render::{self, DATABASES_INI};
 use crate::token::{AuthToken, Changed, FreshToken, TokenSource};
 use secrecy::{ExposeSecret, SecretString};
@@ -40,7 +42,7 @@ impl ConfigMode {
             settings,
             dir,
             written.expose_secret(),
-            &render::userlist(admin_secret, None, &settings.clients),
+            &userlist(admin_secret, None, &settings.clients),
             render::ServerTls {
                 mode: settings.server_tls_mode.as_pgbouncer(),
                 ca_file: settings.server_ca_file.as_deref(),
@@ -124,6 +126,6 @@ impl TokenTable {
                     .map(|fresh| (db, &fresh.token))
             })
             .collect();
-        render::databases_ini(entries, dir)
+        databases_ini(entries, dir)
     }
 }

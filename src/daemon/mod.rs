@@ -226,6 +226,7 @@ fn write_pgbouncer_files(
     server_tls: crate::pgbouncer::render::ServerTls<'_>,
 ) -> Result<(), String> {
     use crate::pgbouncer::files::write_atomically;
+    use crate::pgbouncer::login_rules::hba;
     use crate::pgbouncer::render::{self, DATABASES_INI, HBA, USERLIST};
     use secrecy::ExposeSecret;
     let write = |name: &str, text: &str| {
@@ -235,7 +236,7 @@ fn write_pgbouncer_files(
     write(USERLIST, userlist.expose_secret())?;
     write(
         HBA,
-        &render::hba(settings.mode.mode(), &settings.databases, &settings.clients),
+        &hba(settings.mode.mode(), &settings.databases, &settings.clients),
     )?;
     write(
         PGBOUNCER_INI,

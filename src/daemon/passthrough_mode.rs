@@ -6,8 +6,9 @@ use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, LocalAddress, is_
 use super::running_mode::Start;
 use crate::config::{PassthroughSettings, Settings};
 use crate::endpoint::self_signed_tls;
+use crate::pgbouncer::databases_ini::ServerRoute;
 use crate::pgbouncer::files::load_or_create_secret;
-use crate::pgbouncer::render::{ServerRoute, ServerTls};
+use crate::pgbouncer::render::ServerTls;
 use crate::pgbouncer::server_connections::relay_connection_limit;
 use crate::relay::{LoginRate, RelayConfig, Upstream, upstream_tls};
 use crate::token::TokenSource;

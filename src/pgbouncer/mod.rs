@@ -2,7 +2,9 @@
 //! when the daemon supervises it.
 
 pub mod admin;
+pub mod databases_ini;
 pub mod files;
+pub mod login_rules;
 pub mod password_probe;
 pub mod render;
 pub mod scram_only;

@@ -1,15 +1,13 @@
-//! The text of the files PgBouncer reads. Pure functions of the settings and tokens, so that
-//! what PgBouncer sees can be tested without running it.
+//! `pgbouncer.ini`, and the names the daemon's files and users share. The text of each file
+//! PgBouncer reads is a pure function of the settings and tokens, so that what PgBouncer sees
+//! can be tested without running it; `databases.ini` is rendered by
+//! [`super::databases_ini`], `userlist.txt` and `pg_hba.conf` by [`super::login_rules`].
 //!
 //! `pgbouncer.ini` holds the settings and `%include`s `databases.ini`, the only file that
 //! changes at each token refresh. Users who keep their own pgbouncer.ini `%include` the same
 //! `databases.ini`.
 
-use super::password_probe::PROBE_INI;
-use crate::config::Mode;
-use crate::config::{AUTH_DATABASE_PREFIX, Client, Database, Settings};
-use crate::token::AuthToken;
-use secrecy::{ExposeSecret, SecretString};
+use crate::config::Settings;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -32,7 +30,7 @@ pub const DATABASES_INI: &str = "databases.ini";
 pub const USERLIST: &str = "userlist.txt";
 pub const HBA: &str = "pg_hba.conf";
 
-const HEADER: &str =
+pub(super) const HEADER: &str =
     ";; Written by aws-pgbouncer, which owns this directory and rewrites its files.\n";
 
 /// How PgBouncer speaks TLS to its servers: in config and auth-query modes the configured
@@ -100,195 +98,11 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>)
     ini
 }
 
-/// One entry per database, with the IAM user forced and the current token as its password,
-/// and the password-limit probe's entry from `dir`.
-pub fn databases_ini<'a>(
-    entries: impl IntoIterator<Item = (&'a Database, &'a AuthToken)>,
-    dir: &Path,
-) -> SecretString {
-    let mut ini = String::from(HEADER);
-    ini.push_str("[databases]\n");
-    for (database, token) in entries {
-        let target = &database.target;
-        let (host, port) = database.dial_address();
-        let _ = write!(
-            ini,
-            "{} = host={} port={} dbname={} user={} password={}",
-            database.name,
-            quote_value(host),
-            port,
-            quote_value(&database.dbname),
-            quote_value(&target.user),
-            quote_value(token.expose()),
-        );
-        for (key, value) in &database.options {
-            let _ = write!(ini, " {key}={}", quote_value(value));
-        }
-        ini.push('\n');
-    }
-    include_password_probe(&mut ini, dir);
-    SecretString::from(ini)
-}
-
-/// In the modes where PgBouncer hands the tokens to RDS, `databases.ini` ends with the
-/// password-limit probe's file, which holds the probe's entry while it measures PgBouncer
-/// ([`super::password_probe`]). Users' own pgbouncer.ini get it with `databases.ini`.
-fn include_password_probe(ini: &mut String, dir: &Path) {
-    let _ = writeln!(ini, "%include {}", dir.join(PROBE_INI).display());
-}
-
-/// Where PgBouncer's server connections for the application entries go.
-pub enum ServerRoute<'a> {
-    /// Straight to each entry's database server (auth-query mode), with the tokens as
-    /// passwords: the file includes the password-limit probe's from the daemon's `dir`.
-    Direct { dir: &'a Path },
-    /// Through the daemon's relay, which picks the server by the database name PgBouncer
-    /// sends: the entry's name (passthrough mode).
-    Relay { host: &'a str, port: u16 },
-}
-
-/// Auth-query and passthrough modes' `[databases]`: each application entry has no forced
-/// user, so PgBouncer logs in as the client's user with the password its auth_query returns,
-/// and names an auth entry that points at the endpoint. The auth entry's dbname is the
-/// application entry's name: that is how the endpoint knows which server to answer for.
-pub fn auth_query_databases_ini(
-    databases: &[Database],
-    route: ServerRoute<'_>,
-    endpoint_host: &str,
-    port: u16,
-) -> String {
-    let mut ini = String::from(HEADER);
-    ini.push_str("[databases]\n");
-    for database in databases {
-        let auth_entry = auth_database_name(&database.name);
-        let (host, server_port, dbname) = match route {
-            ServerRoute::Direct { .. } => {
-                let (host, port) = database.dial_address();
-                (host, port, &database.dbname)
-            }
-            ServerRoute::Relay { host, port } => (host, port, &database.name),
-        };
-        let _ = write!(
-            ini,
-            "{} = host={} port={server_port} dbname={} auth_dbname={auth_entry}",
-            database.name,
-            quote_value(host),
-            quote_value(dbname),
-        );
-        for (key, value) in &database.options {
-            let _ = write!(ini, " {key}={}", quote_value(value));
-        }
-        let _ = writeln!(
-            ini,
-            "\n{auth_entry} = host={} port={port} dbname={} pool_size=4",
-            quote_value(endpoint_host),
-            quote_value(&database.name),
-        );
-    }
-    if let ServerRoute::Direct { dir } = route {
-        include_password_probe(&mut ini, dir);
-    }
-    ini
-}
-
-pub fn auth_database_name(database: &str) -> String {
-    format!("{AUTH_DATABASE_PREFIX}_{database}")
-}
-
-/// The admin user with a SCRAM verifier of its secret, in auth-query mode the auth user with
-/// its secret in plain text (PgBouncer needs it to log in to the endpoint), and the
-/// applications' users. Plaintext client passwords are stored as SCRAM verifiers.
-pub fn userlist(
-    admin_secret: &SecretString,
-    auth_secret: Option<&SecretString>,
-    clients: &[Client],
-) -> SecretString {
-    let mut list = String::new();
-    let mut add = |user: &str, secret: &str| {
-        let _ = writeln!(list, "{} {}", quote_userlist(user), quote_userlist(secret));
-    };
-    add(ADMIN_USER, &scram_verifier(admin_secret));
-    if let Some(auth_secret) = auth_secret {
-        add(AUTH_USER, auth_secret.expose_secret());
-    }
-    for client in clients {
-        match &client.password {
-            Some(password) => add(&client.user, &scram_verifier(password)),
-            None => add(&client.user, ""),
-        }
-    }
-    SecretString::from(list)
-}
-
-/// Who may log in, and how. Clients without a password may come from loopback only; the
-/// admin console admits the daemon's user only; everything else is rejected. In auth-query
-/// mode any user may try from loopback: the endpoint's allow-list decides who exists.
-pub fn hba(mode: Mode, databases: &[Database], clients: &[Client]) -> String {
-    let mut rules =
-        String::from("# Written by aws-pgbouncer. Anything not allowed here is refused.\n");
-    let mut allow = |database: &str, user: &str, method: &str, remote: bool| {
-        let user = quote_userlist(user);
-        let _ = writeln!(rules, "local {database} {user} {method}");
-        let (v4, v6) = if remote {
-            ("0.0.0.0/0", "::/0")
-        } else {
-            ("127.0.0.1/32", "::1/128")
-        };
-        let _ = writeln!(rules, "host {database} {user} {v4} {method}");
-        let _ = writeln!(rules, "host {database} {user} {v6} {method}");
-    };
-    allow(
-        &quote_userlist("pgbouncer"),
-        ADMIN_USER,
-        "scram-sha-256",
-        false,
-    );
-    // Quoted, a name is only ever a name: unquoted, `all` or `sameuser` would be a keyword.
-    let names: Vec<String> = databases
-        .iter()
-        .map(|db| quote_userlist(&db.name))
-        .collect();
-    let names = names.join(",");
-    for client in clients {
-        match client.password {
-            Some(_) => allow(&names, &client.user, "scram-sha-256", true),
-            None => allow(&names, &client.user, "trust", false),
-        }
-    }
-    if mode.uses_auth_query() {
-        let _ = writeln!(rules, "local {names} all trust");
-        let _ = writeln!(rules, "host {names} all 127.0.0.1/32 trust");
-        let _ = writeln!(rules, "host {names} all ::1/128 trust");
-    }
-    rules
-}
-
-fn scram_verifier(secret: &SecretString) -> String {
-    let given = secret.expose_secret();
-    if given.starts_with("SCRAM-SHA-256$") {
-        given.to_owned()
-    } else {
-        postgres_protocol::password::scram_sha_256(given.as_bytes())
-    }
-}
-
-/// PgBouncer's connection-string quoting: single quotes, doubled inside.
-fn quote_value(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
-/// The userlist's and hba file's quoting: double quotes, doubled inside. PgBouncer's hba
-/// parser takes a quoted word as a plain name, never as a keyword.
-fn quote_userlist(value: &str) -> String {
-    format!("\"{}\"", value.replace('"', "\"\""))
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::ModeSettings;
+    use crate::config::{Database, Mode, ModeSettings};
     use crate::token::{TokenKey, TokenKind};
-    use std::time::SystemTime;
 
     pub(crate) fn database(name: &str, user: &str) -> Database {
         Database {
@@ -379,72 +193,5 @@ pub(crate) mod tests {
         // In config mode the daemon is not on the login path: PgBouncer's default stands.
         let ini = rendered_ini(&settings(Mode::Config, &[]));
         assert!(!ini.contains("server_login_retry"), "{ini}");
-    }
-
-    #[test]
-    fn database_entries_force_the_iam_user_with_the_token() {
-        let db = database("app", "o'neil");
-        let token = AuthToken::new(
-            "h:5432/?a=b&c=d".into(),
-            SystemTime::now(),
-            SystemTime::now(),
-        );
-        let ini = databases_ini([(&db, &token)], Path::new("/run/aws-pgbouncer"));
-        assert!(ini.expose_secret().ends_with(
-            "app = host='db.example.internal' port=5432 dbname='app_db' user='o''neil' \
-             password='h:5432/?a=b&c=d' pool_mode='transaction'\n\
-             %include /run/aws-pgbouncer/password-probe.ini\n"
-        ));
-    }
-
-    #[test]
-    fn hba_admits_passwordless_clients_from_loopback_only() {
-        let clients = [
-            Client {
-                user: "app".into(),
-                password: None,
-            },
-            Client {
-                user: "remote".into(),
-                password: Some(SecretString::from("pw")),
-            },
-        ];
-        let rules = hba(
-            Mode::Config,
-            &[database("a", "app"), database("b", "app")],
-            &clients,
-        );
-        assert!(rules.contains("host \"a\",\"b\" \"app\" 127.0.0.1/32 trust\n"));
-        assert!(!rules.contains("\"app\" 0.0.0.0/0"));
-        assert!(rules.contains("host \"a\",\"b\" \"remote\" 0.0.0.0/0 scram-sha-256\n"));
-        assert!(
-            rules.contains(
-                "host \"pgbouncer\" \"aws_pgbouncer_admin\" 127.0.0.1/32 scram-sha-256\n"
-            )
-        );
-        assert!(!rules.contains("any"));
-    }
-
-    #[test]
-    fn hba_quotes_every_database_name_so_none_is_a_keyword() {
-        for mode in [Mode::Config, Mode::AuthQuery] {
-            let rules = hba(mode, &[database("all", "app")], &[]);
-            for line in rules.lines().filter(|line| !line.starts_with('#')) {
-                let database = line.split_whitespace().nth(1).unwrap();
-                assert!(database.starts_with('"'), "unquoted in {line:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn userlist_holds_no_plaintext_password() {
-        let clients = [Client {
-            user: "app".into(),
-            password: Some(SecretString::from("hunter2")),
-        }];
-        let list = userlist(&SecretString::from("admin-secret"), None, &clients);
-        let text = list.expose_secret();
-        assert!(!text.contains("hunter2") && !text.contains("admin-secret"));
-        assert_eq!(text.matches("SCRAM-SHA-256$4096:").count(), 2);
     }
 }
