@@ -126,13 +126,24 @@ pub struct Database {
     pub options: Vec<(String, String)>,
 }
 
+/// Where connections go: `dial` when set (`host`/`port` beside a `token_host`/`token_port`),
+/// else the host and port the token is minted for. One rule for PgBouncer's entries and the
+/// relay's upstreams, so that the two never connect to different places.
+pub fn dial_address<'a>(
+    dial: &'a Option<(String, u16)>,
+    host: &'a str,
+    port: u16,
+) -> (&'a str, u16) {
+    match dial {
+        Some((host, port)) => (host, *port),
+        None => (host, port),
+    }
+}
+
 impl Database {
     /// The host and port connections to this entry's server go to.
     pub fn dial_address(&self) -> (&str, u16) {
-        match &self.dial {
-            Some((host, port)) => (host, *port),
-            None => (&self.target.host, self.target.port),
-        }
+        dial_address(&self.dial, &self.target.host, self.target.port)
     }
 
     /// The token key for `user` at this entry's server.

@@ -122,10 +122,7 @@ pub struct Upstream {
 impl Upstream {
     /// The host and port connections to this target go to.
     pub fn dial_address(&self) -> (&str, u16) {
-        match &self.dial {
-            Some((host, port)) => (host, *port),
-            None => (&self.host, self.port),
-        }
+        crate::config::dial_address(&self.dial, &self.host, self.port)
     }
 }
 
