@@ -14,7 +14,7 @@ Configuration: the JSON file named by STANDIN_VERIFIER_CONFIG:
   log             file to append one JSON line per decision (never the token or signature)
   max_skew_seconds optional (default 300): how far X-Amz-Date may lie in the future
 
-Each log line: {"time", "user", "token_user", "akid", "endpoint", "length", "accepted",
+Each log line: {"time", "user", "token_user", "akid", "service", "endpoint", "length", "accepted",
 "reason", "detail", "botocore_identical"}; reason is a short code such as "ok",
 "expired", "bad_signature", "wrong_user", "wrong_endpoint"; botocore_identical tells whether
 the token is byte for byte what botocore's generate_db_auth_token makes.
@@ -57,14 +57,27 @@ def load_json(path):
 
 def parse_token(token):
     """Split `host:port/?k=v&...` into (host, port, params); params keep their order."""
+    endpoint, query = split_token(token, "host:port/?query")
+    host, colon, port = endpoint.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise Reject("malformed", "endpoint without port")
+    params = parse_query(query)
+    check_parameters(params, REQUIRED)
+    return host, int(port), params
+
+
+def split_token(token, shape):
+    """`endpoint/?query` into its two halves, refusing whitespace; `shape` names the form."""
     if "\n" in token or "\r" in token or " " in token:
         raise Reject("malformed", "whitespace in token")
     endpoint, sep, query = token.partition("/?")
     if not sep or not endpoint or not query:
-        raise Reject("malformed", "not host:port/?query")
-    host, colon, port = endpoint.rpartition(":")
-    if not colon or not host or not port.isdigit():
-        raise Reject("malformed", "endpoint without port")
+        raise Reject("malformed", f"not {shape}")
+    return endpoint, query
+
+
+def parse_query(query):
+    """`k=v&...` into a dict in order, refusing a parameter without value or given twice."""
     params = {}
     for part in query.split("&"):
         key, eq, value = part.partition("=")
@@ -74,13 +87,17 @@ def parse_token(token):
         if key in params:
             raise Reject("malformed", f"repeated parameter {key}")
         params[key] = urllib.parse.unquote(value, errors="strict")
+    return params
+
+
+def check_parameters(params, required):
+    """Refuses a parameter neither `required` nor the session token, and a missing one."""
     for key in params:
-        if key not in REQUIRED and key not in OPTIONAL:
+        if key not in required and key not in OPTIONAL:
             raise Reject("malformed", f"unexpected parameter {key[:40]}")
-    for key in REQUIRED:
+    for key in required:
         if key not in params:
             raise Reject("malformed", f"missing {key}")
-    return host, int(port), params
 
 
 def moto_credentials(moto_url, akid):
@@ -140,32 +157,32 @@ def expiration_epoch(value):
 
 def botocore_token(host, port, user, region, akid, secret, session_token, amz_date, expires):
     """What botocore's RDS generate_db_auth_token returns for these inputs at amz_date."""
+    data = {"Action": "connect", "DBUser": user}
+    credentials = (akid, secret, session_token)
+    return botocore_presign(f"{host}:{port}", data, "rds-db", region, credentials, amz_date, expires)
+
+
+def botocore_presign(endpoint, data, service, region, credentials, amz_date, expires):
+    """botocore's SigV4 query signature of `https://endpoint/?data` at amz_date, without the
+    scheme: how botocore's token generators for RDS and Aurora DSQL sign."""
     import botocore.auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
     frozen = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ")
     botocore.auth.get_current_datetime = lambda *a, **k: frozen
-    request = AWSRequest(
-        method="GET",
-        url=f"https://{host}:{port}/",
-        data={"Action": "connect", "DBUser": user},
-    )
-    creds = Credentials(akid, secret, session_token)
-    botocore.auth.SigV4QueryAuth(creds, "rds-db", region, expires=expires).add_auth(request)
+    request = AWSRequest(method="GET", url=f"https://{endpoint}/", data=data)
+    signer = botocore.auth.SigV4QueryAuth(Credentials(*credentials), service, region, expires=expires)
+    signer.add_auth(request)
     return request.url[len("https://") :]
 
 
-def verify(cfg, pam_user, token, now, info):
-    host, port, p = parse_token(token)
-    info["endpoint"] = f"{host}:{port}"
-    info["token_user"] = p["DBUser"]
-    if host.lower() != str(cfg["host"]).lower() or port != int(cfg["port"]):
-        raise Reject("wrong_endpoint", f"token for {host}:{port}, this is {cfg['host']}:{cfg['port']}")
-    if p["Action"] != "connect":
-        raise Reject("wrong_action", p["Action"][:40])
-    if p["DBUser"] != pam_user:
-        raise Reject("wrong_user", f"token for {p['DBUser']!r}, login as {pam_user!r}")
+def check_signed(cfg, p, service, max_expires, now, info, token, sign):
+    """The SigV4 query-signing checks RDS and Aurora DSQL make alike once the token's shape and
+    endpoint are right: one place, so that the two flavours cannot drift apart. Checks the
+    algorithm, the credential scope (`service`, region, date), the lifetime (1..max_expires s)
+    and dates, the signed headers, the key and its session token, and the signature against
+    `sign(akid, secret, session_token, amz_date, expires)`: what botocore makes of them."""
     if p["X-Amz-Algorithm"] != "AWS4-HMAC-SHA256":
         raise Reject("bad_algorithm", p["X-Amz-Algorithm"][:40])
     scope = p["X-Amz-Credential"].split("/")
@@ -173,7 +190,8 @@ def verify(cfg, pam_user, token, now, info):
         raise Reject("bad_credential_scope", "want AKID/date/region/service/aws4_request")
     akid, scope_date, scope_region, scope_service, _ = scope
     info["akid"] = akid
-    if scope_service != "rds-db":
+    info["service"] = scope_service[:40]
+    if scope_service != service:
         raise Reject("wrong_service", scope_service[:40])
     if scope_region != cfg["region"]:
         raise Reject("wrong_region", f"token for {scope_region}, this is {cfg['region']}")
@@ -187,8 +205,8 @@ def verify(cfg, pam_user, token, now, info):
         raise Reject("bad_date", p["X-Amz-Date"][:40]) from e
     if scope_date != p["X-Amz-Date"][:8]:
         raise Reject("bad_credential_scope", "scope date differs from X-Amz-Date")
-    if not p["X-Amz-Expires"].isdigit() or not 0 < int(p["X-Amz-Expires"]) <= MAX_EXPIRES:
-        raise Reject("bad_expires", f"X-Amz-Expires={p['X-Amz-Expires'][:20]} (1..{MAX_EXPIRES})")
+    if not p["X-Amz-Expires"].isdigit() or not 0 < int(p["X-Amz-Expires"]) <= max_expires:
+        raise Reject("bad_expires", f"X-Amz-Expires={p['X-Amz-Expires'][:20]} (1..{max_expires})")
     expires = int(p["X-Amz-Expires"])
     if now > signed_at + expires:
         raise Reject("expired", f"expired {int(now - signed_at - expires)} s ago")
@@ -210,13 +228,35 @@ def verify(cfg, pam_user, token, now, info):
     if exp is not None and now > exp:
         raise Reject("credentials_expired", f"credentials expired {int(now - exp)} s ago")
 
-    expected = botocore_token(
-        host, port, pam_user, cfg["region"], akid, key["secret"], want_token, p["X-Amz-Date"], expires
-    )
+    expected = sign(akid, key["secret"], want_token, p["X-Amz-Date"], expires)
     want_sig = expected.rpartition("&X-Amz-Signature=")[2]
     if not hmac.compare_digest(p["X-Amz-Signature"].encode(), want_sig.encode()):
         raise Reject("bad_signature", "signature does not match the request")
     info["botocore_identical"] = hmac.compare_digest(expected.encode(), token.encode())
+
+
+def verify(cfg, pam_user, token, now, info):
+    host, port, p = parse_token(token)
+    info["endpoint"] = f"{host}:{port}"
+    info["token_user"] = p["DBUser"]
+    if host.lower() != str(cfg["host"]).lower() or port != int(cfg["port"]):
+        raise Reject("wrong_endpoint", f"token for {host}:{port}, this is {cfg['host']}:{cfg['port']}")
+    if p["Action"] != "connect":
+        raise Reject("wrong_action", p["Action"][:40])
+    if p["DBUser"] != pam_user:
+        raise Reject("wrong_user", f"token for {p['DBUser']!r}, login as {pam_user!r}")
+    check_signed(
+        cfg,
+        p,
+        "rds-db",
+        MAX_EXPIRES,
+        now,
+        info,
+        token,
+        lambda akid, secret, session_token, amz_date, expires: botocore_token(
+            host, port, pam_user, cfg["region"], akid, secret, session_token, amz_date, expires
+        ),
+    )
 
 
 def main():
@@ -225,6 +265,7 @@ def main():
         "user": os.environ.get("PAM_USER", ""),
         "token_user": None,
         "akid": None,
+        "service": None,
         "endpoint": None,
         "length": None,
         "accepted": False,
