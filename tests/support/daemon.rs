@@ -285,3 +285,24 @@ impl Daemon {
         self.guard.try_wait()
     }
 }
+
+/// A passthrough-mode daemon with one entry, `appdb` on the stand-in, for `app_user` and
+/// `reporter`, with 20 s tokens and unix sockets: the settings passthrough tests share (with
+/// `{standin_port}` for `start_supervised` to fill in). A test adds top-level keys in front.
+pub const PASSTHROUGH_SETTINGS: &str = r#"
+mode = "passthrough"
+token_lifetime = 20
+relay_listen = "unix"
+auth_listen = "unix"
+
+[pgbouncer]
+pool_mode = "transaction"
+server_check_delay = 0
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {standin_port}
+dbname = "appdb"
+users = ["app_user", "reporter"]
+"#;
