@@ -6,30 +6,15 @@ mod support;
 
 use std::time::{Duration, Instant};
 use support::client::{connect, scalar};
-use support::daemon::Daemon;
+use support::daemon::{Daemon, PASSTHROUGH_SETTINGS};
 use support::{Standin, free_port, test_dir};
 use tokio_postgres::error::SqlState;
 
 /// One login per second per host, so a burst of one: slow enough that PgBouncer's own pace
 /// (it opens one server connection of a pool at a time, about 0.4 s apart here) is well within.
-const SETTINGS: &str = r#"
-mode = "passthrough"
-token_lifetime = 20
-relay_listen = "unix"
-auth_listen = "unix"
-relay_login_rate = 1
-
-[pgbouncer]
-pool_mode = "transaction"
-server_check_delay = 0
-
-[[databases]]
-name = "appdb"
-host = "localhost"
-port = {standin_port}
-dbname = "appdb"
-users = ["app_user"]
-"#;
+fn settings() -> String {
+    format!("relay_login_rate = 1\n{PASSTHROUGH_SETTINGS}")
+}
 
 const DELAYED: &str = "aws_pgbouncer_relay_logins_delayed_total";
 const REFUSED: &str = "aws_pgbouncer_relay_refusals_total{reason=\"login_rate\"}";
@@ -43,7 +28,7 @@ async fn a_burst_of_server_logins_all_succeed_at_the_configured_rate() {
     let standin = Standin::start();
     let work = test_dir("relay-pacing-burst");
     let listen_port = free_port();
-    let daemon = Daemon::start_supervised(work.path(), &standin, listen_port, SETTINGS);
+    let daemon = Daemon::start_supervised(work.path(), &standin, listen_port, &settings());
     let delayed_before = daemon
         .metric(DELAYED)
         .expect("the delayed counter is exposed");
@@ -80,7 +65,7 @@ async fn a_burst_of_server_logins_all_succeed_at_the_configured_rate() {
 async fn logins_whose_turn_is_too_far_off_are_refused_with_57p03() {
     let standin = Standin::start();
     let work = test_dir("relay-pacing-refused");
-    let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), SETTINGS);
+    let daemon = Daemon::start_supervised(work.path(), &standin, free_port(), &settings());
     let secret = std::fs::read_to_string(daemon.pgbouncer_dir.join("relay-secret")).unwrap();
     let logins = (0..8).map(|_| {
         // As PgBouncer logs in to the relay.
