@@ -56,6 +56,7 @@
 //! layer's ([`crate::wire`]), which the auth endpoint shares.
 
 mod cancel;
+mod copy;
 #[cfg(any(fuzzing, test))]
 mod fuzz;
 mod login;

@@ -5,6 +5,7 @@
 //! whole handshake in time; after it the relay copies bytes and looks at none of them.
 
 use super::cancel::{self, CancelKey, Registration};
+use super::copy;
 use super::login::upstream_login;
 use super::pacing::Paced;
 use super::upstream::{self, UpstreamStream};
@@ -39,16 +40,21 @@ impl<T: LoginTokens> Protocol for Shared<T> {
         let params = match first {
             First::Startup(params) => params,
             First::Cancel(key) => {
-                forward_cancel(self, &key, deadline, &peer).await;
+                // Boxed for the reason the login is, below: its TLS handshake would size
+                // every session's task.
+                Box::pin(forward_cancel(self, &key, deadline, &peer)).await;
                 return client.finish(End::Quiet, &peer).await;
             }
         };
         // A peer whose uid already proved it is PgBouncer is asked no password.
         let trusted = peer_uid.is_some() && peer_uid == self.config.peer_uid;
+        // Boxed: the login's state (TLS handshake, SCRAM, the token) is larger than a relayed
+        // session's (the task measured 40 KiB with it inline, 15 KiB without) and, inline,
+        // would stay allocated with the task for the session's whole life.
         let logged_in = bounded(
             deadline,
             &shutdown,
-            login(self, &mut client, &params, trusted, pre_auth),
+            Box::pin(login(self, &mut client, &params, trusted, pre_auth)),
         )
         .await;
         match logged_in {
@@ -223,7 +229,8 @@ async fn pace<T>(shared: &Shared<T>, target: &Upstream) -> Result<(), End> {
 }
 
 /// Copies both ways until either side closes. Bytes already read past the handshake on
-/// either side go first.
+/// either side go first; then the handshake's buffers are let go, since a pooled server
+/// connection lives long and mostly idle (see [`copy`]).
 async fn relay<S, U>(mut client: Conn<S>, mut server: Conn<U>, peer: &str)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -236,7 +243,7 @@ where
         }
         client.wbuf.put_slice(&server.rbuf);
         client.flush().await?;
-        tokio::io::copy_bidirectional(&mut client.stream, &mut server.stream).await
+        copy::both_ways(&mut client.into_stream(), &mut server.into_stream()).await
     };
     match relayed.await {
         Ok((up, down)) => tracing::debug!(peer, up, down, "relayed session ended"),

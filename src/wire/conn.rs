@@ -131,6 +131,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// The stream alone, its buffers freed: for a connection that is past framing (a relayed
+    /// session) and may stay open, idle, for hours. Whatever the buffers held is dropped.
+    pub fn into_stream(self) -> S {
+        self.stream
+    }
+
     pub async fn flush(&mut self) -> io::Result<()> {
         self.stream.write_all(&self.wbuf).await?;
         self.wbuf.clear();

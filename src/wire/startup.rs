@@ -125,7 +125,7 @@ pub(crate) async fn run<P, S>(
         Ok(Negotiated::StartTls) => {
             let Some(acceptor) = tls else { return };
             let peer = &handshake.peer;
-            match timeout_at(handshake.deadline, acceptor.accept(conn.stream)).await {
+            match timeout_at(handshake.deadline, acceptor.accept(conn.into_stream())).await {
                 Ok(Ok(stream)) => {
                     let mut conn = Conn::new(stream, max_message);
                     match handshake.bounded(negotiate(&mut conn, false)).await {
