@@ -166,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn copies_both_ways_until_both_sides_close() {
         let (mut client, mut relay_client) = duplex(64);
-        let (mut relay_server, mut server) = duplex(64);
+        let (mut relay_server, server) = duplex(64);
         let relay =
             tokio::spawn(async move { both_ways(&mut relay_client, &mut relay_server).await });
         let up: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
@@ -179,10 +179,17 @@ mod tests {
             client.read_to_end(&mut got).await.unwrap();
             got
         });
+        let (mut server_reads, mut server_writes) = tokio::io::split(server);
         let mut got_up = Vec::new();
-        server.write_all(&down_sent).await.unwrap();
-        server.shutdown().await.unwrap();
-        server.read_to_end(&mut got_up).await.unwrap();
+        let (written, read) = tokio::join!(
+            async {
+                server_writes.write_all(&down_sent).await?;
+                server_writes.shutdown().await
+            },
+            server_reads.read_to_end(&mut got_up)
+        );
+        written.unwrap();
+        read.unwrap();
         assert!(got_up == up, "PgBouncer's bytes reach the server unchanged");
         assert!(
             client_side.await.unwrap() == down,
