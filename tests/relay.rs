@@ -56,7 +56,7 @@ fn config(ca: &Path, targets: Vec<(&str, Upstream)>) -> RelayConfig {
         server_tls: None,
         targets: targets
             .into_iter()
-            .map(|(name, upstream)| (name.to_owned(), upstream))
+            .map(|(name, upstream)| (name.to_owned(), Arc::new(upstream)))
             .collect::<HashMap<_, _>>(),
         limits: Limits {
             handshake_timeout: Duration::from_secs(5),

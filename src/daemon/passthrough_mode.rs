@@ -131,7 +131,7 @@ fn relay_config(
                 users: db.allowed_users.clone(),
                 role: db.target.role.clone(),
             };
-            (db.name.clone(), upstream)
+            (db.name.clone(), Arc::new(upstream))
         })
         .collect();
     Ok(RelayConfig {

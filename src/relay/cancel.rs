@@ -43,7 +43,7 @@ pub(super) struct CancelMap {
 #[derive(Default)]
 struct Inner {
     next_id: AtomicU64,
-    keys: Mutex<HashMap<CancelKey, (u64, Upstream)>>,
+    keys: Mutex<HashMap<CancelKey, (u64, Arc<Upstream>)>>,
 }
 
 /// A key's entry, removed when this is dropped (the session ended, however it ended).
@@ -55,7 +55,7 @@ pub(super) struct Registration {
 
 impl CancelMap {
     /// Maps `key` to `upstream` until the registration is dropped.
-    pub fn register(&self, key: CancelKey, upstream: Upstream) -> Registration {
+    pub fn register(&self, key: CancelKey, upstream: Arc<Upstream>) -> Registration {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let replaced = self
             .inner
@@ -73,9 +73,9 @@ impl CancelMap {
         }
     }
 
-    pub fn lookup(&self, key: CancelKey) -> Option<Upstream> {
+    pub fn lookup(&self, key: CancelKey) -> Option<Arc<Upstream>> {
         let keys = self.inner.keys.lock().unwrap_or_else(|e| e.into_inner());
-        keys.get(&key).map(|(_, upstream)| upstream.clone())
+        keys.get(&key).map(|(_, upstream)| Arc::clone(upstream))
     }
 }
 
@@ -118,8 +118,8 @@ pub(super) async fn forward(
 mod tests {
     use super::*;
 
-    fn upstream(host: &str) -> Upstream {
-        Upstream {
+    fn upstream(host: &str) -> Arc<Upstream> {
+        Arc::new(Upstream {
             kind: crate::token::TokenKind::Rds,
             host: host.into(),
             port: 5432,
@@ -128,7 +128,7 @@ mod tests {
             database: "appdb".into(),
             users: Vec::new(),
             role: None,
-        }
+        })
     }
 
     fn key(process_id: i32, secret_key: i32) -> CancelKey {

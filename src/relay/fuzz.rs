@@ -57,7 +57,7 @@ pub fn fuzz_relay(data: &[u8]) {
             peer_uid: Some(TRUSTED_UID),
             upstream_tls: Arc::new(tls),
             server_tls: None,
-            targets: [(DATABASE.to_owned(), target)].into(),
+            targets: [(DATABASE.to_owned(), Arc::new(target))].into(),
             limits: Limits {
                 max_message_bytes: 1024,
                 handshake_timeout: Duration::from_secs(2),

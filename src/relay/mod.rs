@@ -173,8 +173,10 @@ pub struct RelayConfig {
     /// Offered to PgBouncer on TCP when set, so that its `verify-full` towards the relay
     /// holds and nothing else that binds the port can pass for the relay.
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
-    /// By the database name PgBouncer sends.
-    pub targets: HashMap<String, Upstream>,
+    /// By the database name PgBouncer sends. Shared, not copied, with each session's cancel
+    /// registration: an allow-list can name a thousand users, and copied per session it was
+    /// most of the relay's memory at 1,000 users.
+    pub targets: HashMap<String, Arc<Upstream>>,
     pub limits: Limits,
     /// Where refusals are counted, if anywhere.
     pub metrics: Option<Arc<Metrics>>,

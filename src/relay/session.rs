@@ -17,6 +17,7 @@ use crate::wire::pre_auth::PreAuth;
 use crate::wire::sasl::scram_exchange;
 use crate::wire::startup::{First, Handshake, StartupParams, bounded};
 use bytes::BufMut;
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout_at};
 use tokio_postgres::error::SqlState;
@@ -143,7 +144,7 @@ where
     )
     .await?;
     // Registered before PgBouncer sees ReadyForQuery, so before it can want to cancel.
-    let registration = key.map(|key| shared.cancels.register(key, target.clone()));
+    let registration = key.map(|key| shared.cancels.register(key, Arc::clone(target)));
     Ok((server, registration))
 }
 
@@ -153,7 +154,7 @@ fn admit<'a, T>(
     params: &StartupParams,
     user: &str,
     database: &str,
-) -> Result<&'a Upstream, End> {
+) -> Result<&'a Arc<Upstream>, End> {
     let Some(target) = shared.config.targets.get(database) else {
         return Err(shared.refused(
             RelayRefusal::UnknownDatabase,

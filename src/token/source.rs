@@ -310,6 +310,10 @@ fn schedule(
 
 /// Mints each successor at its refresh point; after a failure, retries with back-off. The one
 /// task of its key (see `TokenSource::register`); ends when the source is dropped.
+///
+/// One runs per key for the daemon's life, asleep nearly all of it: the cache lookup and the
+/// renewal are boxed, so that their futures (moka's and the credential chain's, most of the
+/// task's 15 KiB when inline) are allocated only while they run, not by every sleeping task.
 async fn refresh_forever(source: Weak<TokenSource>, key: TokenKey) {
     let mut failures: u32 = 0;
     loop {
@@ -318,7 +322,7 @@ async fn refresh_forever(source: Weak<TokenSource>, key: TokenKey) {
                 return;
             };
             if failures == 0 {
-                match source.cache.get(&key).await {
+                match Box::pin(source.cache.get(&key)).await {
                     Some(fresh) => fresh.refresh_at,
                     None => SystemTime::now(),
                 }
@@ -335,7 +339,7 @@ async fn refresh_forever(source: Weak<TokenSource>, key: TokenKey) {
         let Some(source) = source.upgrade() else {
             return;
         };
-        match source.renew(&key, Renewal::WhenDue).await {
+        match Box::pin(source.renew(&key, Renewal::WhenDue)).await {
             Ok(_) => failures = 0,
             Err(_) => failures = failures.saturating_add(1),
         }
