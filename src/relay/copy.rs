@@ -58,7 +58,7 @@ struct Direction {
     copied: u64,
 }
 
-#[derive(Default, PartialEq)]
+#[derive(Default)]
 enum State {
     #[default]
     Copying,
