@@ -25,6 +25,11 @@
 #                     CPUs, so the relay's CPU and wake-ups also slow the database down
 #   BENCH_RESULTS     where raw outputs and summary.txt go [target/bench-results/...]
 #   AWS_PGBOUNCER_BIN use this binary instead of building the release one
+#   BENCH_PERF [0]    1: record every CPU's samples (perf record -a -e cpu-clock) over each run
+#                     but its first and last 2 s, and write which process and which object
+#                     (kernel, the daemon's code, libc, libssl, ...) the CPU went to into
+#                     rROUND-WORKLOAD-SETUP.cpu.txt; the summary shows the last round's. Idle
+#                     CPU shows as "swapper". Needs perf (Debian's linux-perf).
 #   BENCH_VARIANT_BIN, BENCH_VARIANT_LINES  a third set-up, "variant": passthrough as above but
 #                     run by the binary BENCH_VARIANT_BIN [the same one] with the TOML lines
 #                     BENCH_VARIANT_LINES added [none]; set either to compare two builds or two
@@ -43,6 +48,15 @@ LIFETIME=${BENCH_TOKEN_LIFETIME:-30}
 RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix}
 AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix}
 SPLIT_CPUS=${BENCH_SPLIT_CPUS:-$(($(nproc) >= 2))}
+PERF=${BENCH_PERF:-0}
+case $PERF in
+0) ;;
+1)
+    command -v perf >/dev/null || { echo "BENCH_PERF=1 needs perf (Debian's linux-perf)" >&2; exit 1; }
+    [ "$DURATION" -ge 6 ] || { echo "BENCH_PERF=1 needs BENCH_DURATION of 6 s or more" >&2; exit 1; }
+    ;;
+*) echo "BENCH_PERF must be 0 or 1, not $PERF" >&2; exit 1 ;;
+esac
 # shellcheck source=scripts/bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 case $SPLIT_CPUS in
@@ -92,6 +106,21 @@ workloads=(select tpcb connect)
 reloads() { grep -c 'PgBouncer reloaded' "$RESULTS/$1-daemon.log" || true; }
 # cpu_ticks NAME: the daemon's utime + stime so far, in clock ticks (not its PgBouncer's).
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/${bench_daemon_pid[$1]}/stat"; }
+# profile_run OUT: with BENCH_PERF=1, samples every CPU in the background for the run's
+# middle; OUT.cpu.txt gets the shares by process and object. Sets profiler_pid for the
+# caller to wait for (a bare `wait` would wait for the daemons too).
+profile_run() {
+    profiler_pid=
+    [ "$PERF" = 1 ] || return 0
+    (
+        sleep 2
+        perf record -a -e cpu-clock -F 1000 -o "$1.perf" -- sleep $((DURATION - 4)) >/dev/null 2>&1
+        perf report -i "$1.perf" --no-children --sort comm,dso --stdio -g none 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -n 16 >"$1.cpu.txt"
+        rm -f "$1.perf"
+    ) &
+    profiler_pid=$!
+}
 # pgb_ticks NAME: the same for the PgBouncer that daemon supervises (its child).
 pgb_ticks() { awk '{ print $14 + $15 }' "/proc/$(pgrep -P "${bench_daemon_pid[$1]}" | head -n 1)/stat"; }
 metrics() { curl -s --max-time 5 "http://127.0.0.1:${bench_http[$1]}/metrics" >"$2" || : >"$2"; }
@@ -122,7 +151,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 -h 127.0.0.1 -p "${bench_port[$setup]}" -U app_user appdb)
             echo "# ${cmd[*]}" >"$out"
             rc=0
+            profile_run "${out%.log}"
             "${cmd[@]}" >>"$out" 2>&1 || rc=$?
+            [ -z "$profiler_pid" ] || wait "$profiler_pid"
             load_after=$(loadavg)
             after=$(reloads "$setup")
             cpu_ms=$((($(cpu_ticks "$setup") - ticks_before) * 1000 / $(getconf CLK_TCK)))
@@ -139,7 +170,7 @@ metrics passthrough "$RESULTS/passthrough-metrics-end.txt"
 
 # --- summary -------------------------------------------------------------------------------------
 {
-    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS${BENCH_VARIANT_BIN:+ BENCH_VARIANT_BIN=$BENCH_VARIANT_BIN}${BENCH_VARIANT_LINES:+ BENCH_VARIANT_LINES='$BENCH_VARIANT_LINES'} bash scripts/bench/pgbench_passthrough.sh"
+    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS BENCH_PERF=$PERF${BENCH_VARIANT_BIN:+ BENCH_VARIANT_BIN=$BENCH_VARIANT_BIN}${BENCH_VARIANT_LINES:+ BENCH_VARIANT_LINES='$BENCH_VARIANT_LINES'} bash scripts/bench/pgbench_passthrough.sh"
     cat "$RESULTS/machine.txt"
     echo "pgbench: pgbench -n {-S | (TPC-B) | -S -C} -c $CLIENTS -j $JOBS -T $DURATION -h 127.0.0.1 -p PORT -U app_user appdb (scale $SCALE)"
     echo "PgBouncer: $("$PGBOUNCER_BIN" --version | head -n 1), pool_mode=transaction default_pool_size=$POOL_SIZE"
@@ -203,5 +234,14 @@ EOF
     echo "passthrough daemon's counters after warm-up -> after the last round (auth_query answers: one per client login):"
     join <(grep -v '^#' "$RESULTS/passthrough-metrics-start.txt" | grep '_total\|_count' | sort) \
         <(grep -v '^#' "$RESULTS/passthrough-metrics-end.txt" | grep '_total\|_count' | sort) | sed 's/^/    /' || true
+    if [ "$PERF" = 1 ]; then
+        echo "where the CPU went in round $ROUNDS (perf record -a -e cpu-clock; swapper = idle):"
+        for workload in "${workloads[@]}"; do
+            for setup in "${setups[@]}"; do
+                echo "  $workload $setup:"
+                sed 's/^/    /' "$RESULTS/r$ROUNDS-$workload-$setup.cpu.txt"
+            done
+        done
+    fi
 } | tee "$RESULTS/summary.txt"
 say "raw outputs in $RESULTS"
