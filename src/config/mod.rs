@@ -8,6 +8,7 @@
 mod file;
 mod kind;
 mod mode;
+mod mode_only;
 mod resolve;
 mod role;
 mod validate;

@@ -2,6 +2,7 @@
 //! wins over the defaults.
 
 use super::kind;
+use super::mode_only;
 use super::role::RoleSettings;
 use super::validate::{
     check_ca_file, check_database_name, check_unique, check_user_name, database_options,
@@ -133,7 +134,9 @@ fn resolve_mode(
             pgbouncer_port,
         )
     };
-    Ok(match args.mode.or(file.mode).unwrap_or(Mode::Config) {
+    let mode = args.mode.or(file.mode).unwrap_or(Mode::Config);
+    mode_only::check(mode, args, file)?;
+    Ok(match mode {
         Mode::Config => ModeSettings::Config,
         Mode::AuthQuery => ModeSettings::AuthQuery {
             auth_listen: auth_listen()?,

@@ -1,0 +1,71 @@
+//! Settings that only some modes read. Given under another mode they would do nothing, and
+//! are refused for the reason unknown keys are: a relay limit "set" in auth-query mode, or an
+//! endpoint address in config mode, looks configured and is not.
+
+use super::{ConfigFile, Mode};
+use crate::cli::RunArgs;
+use clap::ValueEnum;
+
+const ENDPOINT_MODES: &[Mode] = &[Mode::AuthQuery, Mode::Passthrough];
+const PASSTHROUGH: &[Mode] = &[Mode::Passthrough];
+
+/// Refuses every setting given (as a flag, its environment variable or a key) that `mode`
+/// does not read, naming them all at once.
+pub(super) fn check(mode: Mode, args: &RunArgs, file: &ConfigFile) -> Result<(), String> {
+    let settings: [(&str, bool, &[Mode]); 6] = [
+        (
+            "auth_listen",
+            args.auth_listen.is_some() || file.auth_listen.is_some(),
+            ENDPOINT_MODES,
+        ),
+        (
+            "auth_listen_non_loopback",
+            args.auth_listen_non_loopback,
+            ENDPOINT_MODES,
+        ),
+        (
+            "relay_listen",
+            args.relay_listen.is_some() || file.relay_listen.is_some(),
+            PASSTHROUGH,
+        ),
+        (
+            "relay_max_connections",
+            args.relay_max_connections.is_some() || file.relay_max_connections.is_some(),
+            PASSTHROUGH,
+        ),
+        (
+            "relay_login_rate",
+            args.relay_login_rate.is_some() || file.relay_login_rate.is_some(),
+            PASSTHROUGH,
+        ),
+        (
+            "relay_follow_pgbouncer_cpu",
+            args.relay_follow_pgbouncer_cpu.is_some() || file.relay_follow_pgbouncer_cpu.is_some(),
+            PASSTHROUGH,
+        ),
+    ];
+    let unread: Vec<String> = settings
+        .iter()
+        .filter(|(_, given, modes)| *given && !modes.contains(&mode))
+        .map(|(name, _, modes)| format!("{name} (read in {} mode)", mode_names(modes)))
+        .collect();
+    if unread.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "not read in {} mode: {}; remove each (its flag, environment variable or config \
+         key), or choose the mode that reads it",
+        mode_names(&[mode]),
+        unread.join(", "),
+    ))
+}
+
+/// The names clap and serde accept, so that the message names modes as the user writes them.
+fn mode_names(modes: &[Mode]) -> String {
+    let names: Vec<String> = modes
+        .iter()
+        .filter_map(|mode| mode.to_possible_value())
+        .map(|value| value.get_name().to_owned())
+        .collect();
+    names.join(" and ")
+}
