@@ -363,27 +363,3 @@ fn relay_limits_of_zero_are_refused() {
         assert_refused(&run(&["run", flag, "0"], &[]), 2, "0 is not in 1..");
     }
 }
-
-/// A setting the chosen mode never reads would look configured and do nothing.
-#[test]
-fn settings_the_mode_does_not_read_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!("relay_login_rate = 50\nauth_listen = \"unix\"\n{ONE_DATABASE}");
-    let output = run_in(dir.path(), &config, &[]);
-    assert_refused(
-        &output,
-        1,
-        "not read in config mode: auth_listen (read in auth-query and passthrough mode), \
-         relay_login_rate (read in passthrough mode)",
-    );
-    let output = run_in(
-        dir.path(),
-        &format!("mode = \"auth-query\"\n{ONE_DATABASE}"),
-        &["--relay-listen", "unix:7000"],
-    );
-    assert_refused(
-        &output,
-        1,
-        "not read in auth-query mode: relay_listen (read in passthrough mode)",
-    );
-}

@@ -293,3 +293,32 @@ fn pgbouncers_known_problems_are_warned_about_once_each() {
         );
     }
 }
+
+/// A setting config mode never reads (here a relay limit and an endpoint address, from a flag
+/// and from the environment) would look configured and do nothing: the daemon says so once,
+/// naming each, and runs.
+#[test]
+fn settings_the_mode_does_not_read_are_named_in_a_warning() {
+    let standin = Standin::start();
+    let work = test_dir("config-mode-unread-settings");
+    let mut args = support::daemon::database_flags(&standin, free_port(), 20);
+    args.extend(["--relay-login-rate", "50", "--supervise"].map(str::to_owned));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut daemon = Daemon::start_with_env(
+        work.path(),
+        Some(&standin.static_creds()),
+        &[("AWS_PGBOUNCER_AUTH_LISTEN", "unix")],
+        &args,
+    );
+    daemon.wait_until_started();
+    let log = daemon.log();
+    let warning = "settings given that this mode does not read";
+    assert_eq!(log.matches(warning).count(), 1, "log:\n{log}");
+    let line = log.lines().find(|line| line.contains(warning)).unwrap();
+    assert!(
+        line.contains("auth_listen (read in auth-query and passthrough mode)")
+            && line.contains("relay_login_rate (read in passthrough mode)")
+            && line.contains("mode=\"config\""),
+        "{line}"
+    );
+}

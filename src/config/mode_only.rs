@@ -1,6 +1,7 @@
-//! Settings that only some modes read. Given under another mode they would do nothing, and
-//! are refused for the reason unknown keys are: a relay limit "set" in auth-query mode, or an
-//! endpoint address in config mode, looks configured and is not.
+//! Settings that only some modes read. Under another mode they do nothing, and the daemon
+//! says so: a relay limit "set" in auth-query mode, or an endpoint address in config mode,
+//! looks configured and is not. A warning, not an error: one set of settings (a chart's
+//! environment, a shared TOML file) serving several modes is a normal way to deploy.
 
 use super::{ConfigFile, Mode};
 use crate::cli::RunArgs;
@@ -9,9 +10,9 @@ use clap::ValueEnum;
 const ENDPOINT_MODES: &[Mode] = &[Mode::AuthQuery, Mode::Passthrough];
 const PASSTHROUGH: &[Mode] = &[Mode::Passthrough];
 
-/// Refuses every setting given (as a flag, its environment variable or a key) that `mode`
-/// does not read, naming them all at once.
-pub(super) fn check(mode: Mode, args: &RunArgs, file: &ConfigFile) -> Result<(), String> {
+/// Warns, in one line, of every setting given (as a flag, its environment variable or a key)
+/// that `mode` does not read.
+pub(super) fn warn_unread(mode: Mode, args: &RunArgs, file: &ConfigFile) {
     let settings: [(&str, bool, &[Mode]); 6] = [
         (
             "auth_listen",
@@ -49,15 +50,13 @@ pub(super) fn check(mode: Mode, args: &RunArgs, file: &ConfigFile) -> Result<(),
         .filter(|(_, given, modes)| *given && !modes.contains(&mode))
         .map(|(name, _, modes)| format!("{name} (read in {} mode)", mode_names(modes)))
         .collect();
-    if unread.is_empty() {
-        return Ok(());
+    if !unread.is_empty() {
+        tracing::warn!(
+            mode = mode_names(&[mode]),
+            settings = unread.join(", "),
+            "settings given that this mode does not read: they have no effect"
+        );
     }
-    Err(format!(
-        "not read in {} mode: {}; remove each (its flag, environment variable or config \
-         key), or choose the mode that reads it",
-        mode_names(&[mode]),
-        unread.join(", "),
-    ))
 }
 
 /// The names clap and serde accept, so that the message names modes as the user writes them.

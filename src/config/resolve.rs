@@ -135,7 +135,7 @@ fn resolve_mode(
         )
     };
     let mode = args.mode.or(file.mode).unwrap_or(Mode::Config);
-    mode_only::check(mode, args, file)?;
+    mode_only::warn_unread(mode, args, file);
     Ok(match mode {
         Mode::Config => ModeSettings::Config,
         Mode::AuthQuery => ModeSettings::AuthQuery {
