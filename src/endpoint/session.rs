@@ -9,7 +9,7 @@ use crate::wire::conn::{Conn, End};
 use crate::wire::sasl::scram_exchange;
 use crate::wire::scram::ScramSecret;
 use crate::wire::startup::{First, Handshake, StartupParams};
-use crate::wire::{Protocol, backend};
+use crate::wire::{Afterwards, Protocol, backend};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::error::SqlState;
@@ -38,18 +38,21 @@ impl<L: TokenLookup> Protocol for Shared<L> {
         Some(metrics.endpoint_connection_opened())
     }
 
-    async fn started<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    /// Holds the connection to its end: an endpoint session is short (one auth_query) and
+    /// leaves nothing to go on with.
+    async fn started<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         mut conn: Conn<S>,
         first: First,
         mut handshake: Handshake,
-    ) {
+    ) -> Option<Afterwards> {
         let params = match first {
             First::Startup(params) => params,
             // Nothing runs long enough here to be worth cancelling.
             First::Cancel(_) => {
                 handshake.ended(ConnectionOutcome::Completed);
-                return conn.finish(End::Quiet, &handshake.peer).await;
+                conn.finish(End::Quiet, &handshake.peer).await;
+                return None;
             }
         };
         if let Err(end) = handshake
@@ -57,7 +60,8 @@ impl<L: TokenLookup> Protocol for Shared<L> {
             .await
         {
             handshake.ended(login_outcome(&end));
-            return conn.finish(end, &handshake.peer).await;
+            conn.finish(end, &handshake.peer).await;
+            return None;
         }
         let Handshake {
             peer,
@@ -80,6 +84,7 @@ impl<L: TokenLookup> Protocol for Shared<L> {
             counted.set_outcome(session_outcome(&end));
         }
         conn.finish(end, &peer).await;
+        None
     }
 }
 

@@ -14,10 +14,10 @@
 //! them (another local process of the daemon's uid) is refused and measures nothing.
 
 use crate::token::{Learned, PasswordLimit};
-use crate::wire::Protocol;
 use crate::wire::backend;
 use crate::wire::conn::{Conn, End};
 use crate::wire::startup::{First, Handshake};
+use crate::wire::{Afterwards, Protocol};
 use rand::RngExt;
 use rand::distr::Alphanumeric;
 use std::path::Path;
@@ -118,14 +118,15 @@ fn refused(why: NotTheProbe) -> End {
 }
 
 impl Protocol for PasswordProbe {
-    async fn started<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    async fn started<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         mut conn: Conn<S>,
         first: First,
         handshake: Handshake,
-    ) {
+    ) -> Option<Afterwards> {
         if let First::Cancel(_) = first {
-            return conn.finish(End::Quiet, &handshake.peer).await;
+            conn.finish(End::Quiet, &handshake.peer).await;
+            return None;
         }
         let end = match handshake.bounded(self.measure_one(&mut conn)).await {
             Ok(limit) => {
@@ -147,6 +148,7 @@ impl Protocol for PasswordProbe {
             }
         };
         conn.finish(end, &handshake.peer).await;
+        None
     }
 }
 

@@ -101,7 +101,10 @@ pub fn fuzz_relay(data: &[u8]) {
                 counted: None,
             };
             let max_message = shared.config.limits.max_message_bytes;
-            startup::run(shared, relay_side, None, max_message, handshake).await;
+            let afterwards = startup::run(shared, relay_side, None, max_message, handshake).await;
+            if let Some(afterwards) = afterwards {
+                afterwards.await;
+            }
         }
     });
 }

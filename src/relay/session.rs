@@ -11,11 +11,11 @@ use super::pacing::Paced;
 use super::upstream::{self, UpstreamStream};
 use super::{LoginTokens, Shared, Upstream};
 use crate::metrics::RelayRefusal;
-use crate::wire::Protocol;
 use crate::wire::conn::{Conn, End};
 use crate::wire::pre_auth::PreAuth;
 use crate::wire::sasl::scram_exchange;
 use crate::wire::startup::{First, Handshake, StartupParams, bounded};
+use crate::wire::{Afterwards, Protocol};
 use bytes::BufMut;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -23,12 +23,12 @@ use tokio::time::{Instant, timeout_at};
 use tokio_postgres::error::SqlState;
 
 impl<T: LoginTokens> Protocol for Shared<T> {
-    async fn started<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    async fn started<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         mut client: Conn<S>,
         first: First,
         handshake: Handshake,
-    ) {
+    ) -> Option<Afterwards> {
         let Handshake {
             deadline,
             peer,
@@ -44,14 +44,14 @@ impl<T: LoginTokens> Protocol for Shared<T> {
                 // Boxed for the reason the login is, below: its TLS handshake would size
                 // every session's task.
                 Box::pin(forward_cancel(self, &key, deadline, &peer)).await;
-                return client.finish(End::Quiet, &peer).await;
+                client.finish(End::Quiet, &peer).await;
+                return None;
             }
         };
         // A peer whose uid already proved it is PgBouncer is asked no password.
         let trusted = peer_uid.is_some() && peer_uid == self.config.peer_uid;
-        // Boxed: the login's state (TLS handshake, SCRAM, the token) is larger than a relayed
-        // session's (the task measured 40 KiB with it inline, 15 KiB without) and, inline,
-        // would stay allocated with the task for the session's whole life.
+        // Boxed: the login's state (TLS handshake, SCRAM, the token) is larger than the rest
+        // of the handshake's (the task measured 40 KiB with it inline, 15 KiB without).
         let logged_in = bounded(
             deadline,
             &shutdown,
@@ -61,10 +61,19 @@ impl<T: LoginTokens> Protocol for Shared<T> {
         match logged_in {
             Ok((server, registration)) => {
                 self.logged_in_from(peer_pid);
-                relay(client, server, &peer).await;
-                drop(registration);
+                let (client, server) = match hand_over(client, server).await {
+                    Ok(streams) => streams,
+                    Err(error) => {
+                        tracing::debug!(peer, %error, "relayed session ended on an I/O error");
+                        return None;
+                    }
+                };
+                Some(Box::pin(relay(client, server, registration, peer)))
             }
-            Err(end) => client.finish(end, &peer).await,
+            Err(end) => {
+                client.finish(end, &peer).await;
+                None
+            }
         }
     }
 }
@@ -229,25 +238,73 @@ async fn pace<T>(shared: &Shared<T>, target: &Upstream) -> Result<(), End> {
     }
 }
 
-/// Copies both ways until either side closes. Bytes already read past the handshake on
-/// either side go first; then the handshake's buffers are let go, since a pooled server
-/// connection lives long and mostly idle (see [`copy`]).
-async fn relay<S, U>(mut client: Conn<S>, mut server: Conn<U>, peer: &str)
+/// Passes on the bytes either side sent past the handshake, then lets the handshake's buffers
+/// go: a pooled server connection lives long and mostly idle (see [`copy`]).
+async fn hand_over<S, U>(mut client: Conn<S>, mut server: Conn<U>) -> std::io::Result<(S, U)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let relayed = async {
-        if !client.rbuf.is_empty() {
-            server.stream.write_all(&client.rbuf).await?;
-            server.stream.flush().await?;
+    if !client.rbuf.is_empty() {
+        server.stream.write_all(&client.rbuf).await?;
+        server.stream.flush().await?;
+    }
+    client.wbuf.put_slice(&server.rbuf);
+    client.flush().await?;
+    Ok((client.into_stream(), server.into_stream()))
+}
+
+/// Copies both ways until either side closes, holding only the two streams and the session's
+/// cancel registration (dropped when it ends): this is all that stays allocated for a relayed
+/// session, in its task, once the handshake's state has been freed ([`Afterwards`]).
+///
+/// Not an `async fn`: one keeps its arguments twice in its future, once as taken and once
+/// as the body's locals, and the upstream's TLS stream alone is over 1 KiB.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn relay<S, U>(
+    mut client: S,
+    mut server: U,
+    registration: Option<Registration>,
+    peer: String,
+) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    async move {
+        match copy::both_ways(&mut client, &mut server).await {
+            Ok((up, down)) => tracing::debug!(peer, up, down, "relayed session ended"),
+            Err(error) => tracing::debug!(peer, %error, "relayed session ended on an I/O error"),
         }
-        client.wbuf.put_slice(&server.rbuf);
-        client.flush().await?;
-        copy::both_ways(&mut client.into_stream(), &mut server.into_stream()).await
-    };
-    match relayed.await {
-        Ok((up, down)) => tracing::debug!(peer, up, down, "relayed session ended"),
-        Err(error) => tracing::debug!(peer, %error, "relayed session ended on an I/O error"),
+        drop(registration);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+    use tokio::net::UnixStream;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, C, D, F>(_: fn(A, B, C, D) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// What a relayed session keeps for its whole life (PgBouncer pools its server connections
+    /// for hours, a thousand at once) is its two streams and a few hundred bytes besides: not
+    /// the framing buffers, not the login's state, not its arguments twice. (Measured in a
+    /// debug build: 1,360 bytes for 1,152 of streams; 2,560 as an `async fn`.)
+    #[test]
+    fn a_relayed_session_keeps_little_besides_its_streams() {
+        let streams = size_of::<UnixStream>() + size_of::<UpstreamStream>();
+        let session = future_size(relay::<UnixStream, UpstreamStream>);
+        assert!(
+            session <= streams + 512,
+            "a relayed session holds {session} bytes, {streams} of them its streams"
+        );
     }
 }

@@ -168,16 +168,25 @@ pub(crate) async fn serve<P: Protocol>(
                 pre_auth: place,
                 counted: protocol.opened(),
             };
-            let task = tasks.spawn(async move {
+            // Boxed, so that the task holds the handshake's state (about 15 KiB for the
+            // relay) only until the handshake is over; a relayed session then lives on, for
+            // as long as PgBouncer pools it, with what it goes on with alone.
+            let handshaking = Box::pin(async move {
                 let max_message = serving.max_message_bytes;
                 match stream {
                     Stream::Tcp(s) => {
                         let tls = serving.tls.as_ref();
-                        startup::run(&*protocol, s, tls, max_message, handshake).await;
+                        startup::run(&*protocol, s, tls, max_message, handshake).await
                     }
                     Stream::Unix(s) => {
-                        startup::run(&*protocol, s, None, max_message, handshake).await;
+                        startup::run(&*protocol, s, None, max_message, handshake).await
                     }
+                }
+            });
+            let task = tasks.spawn(async move {
+                let afterwards = handshaking.await;
+                if let Some(afterwards) = afterwards {
+                    afterwards.await;
                 }
                 drop(permit);
             });

@@ -34,7 +34,13 @@ use crate::metrics::OpenConnection;
 use conn::Conn;
 use startup::{First, Handshake};
 use std::future::Future;
+use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What a connection goes on with once its handshake is over: a relayed session's copy. The
+/// handshake's state (TLS and SCRAM handshakes, the startup packet, the framing buffers) is
+/// freed before it runs, so only this lives for as long as PgBouncer keeps the connection.
+pub(crate) type Afterwards = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A server that runs over the wire layer: the auth-query endpoint or the relay. What bounds
 /// it is given to [`accept::serve`] apart ([`accept::Serving`]).
@@ -43,11 +49,12 @@ pub(crate) trait Protocol: Send + Sync + 'static {
     fn opened(&self) -> Option<OpenConnection> {
         None
     }
-    /// Goes on from what the client asked for first; owns the connection to its end.
-    fn started<S: AsyncRead + AsyncWrite + Unpin + Send>(
+    /// Goes on from what the client asked for first; owns the connection to its end, or hands
+    /// what is left of it on as [`Afterwards`].
+    fn started<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         conn: Conn<S>,
         first: First,
         handshake: Handshake,
-    ) -> impl Future<Output = ()> + Send;
+    ) -> impl Future<Output = Option<Afterwards>> + Send;
 }

@@ -1,11 +1,11 @@
 //! From accept to the startup packet: encryption requests, TLS, then handing the connection
 //! to its [`Protocol`].
 
-use super::Protocol;
 use super::backend;
 use super::conn::{Conn, End};
 use super::framing::{ProtocolError, StartupPacket};
 use super::pre_auth::PreAuth;
+use super::{Afterwards, Protocol};
 use crate::metrics::{ConnectionOutcome, OpenConnection};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -108,29 +108,31 @@ enum Negotiated {
 }
 
 /// Runs one accepted connection: encryption requests (TLS when `tls` is set), the startup
-/// packet, then the protocol. A connection that ends before its startup packet is told why.
+/// packet, then the protocol, up to what it goes on with once logged in (see [`Afterwards`]).
+/// A connection that ends before its startup packet is told why.
 pub(crate) async fn run<P, S>(
     protocol: &P,
     stream: S,
     tls: Option<&TlsAcceptor>,
     max_message: usize,
     handshake: Handshake,
-) where
+) -> Option<Afterwards>
+where
     P: Protocol,
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut conn = Conn::new(stream, max_message);
     match handshake.bounded(negotiate(&mut conn, tls.is_some())).await {
         Ok(Negotiated::First(first)) => protocol.started(conn, first, handshake).await,
         Ok(Negotiated::StartTls) => {
-            let Some(acceptor) = tls else { return };
+            let acceptor = tls?;
             let peer = &handshake.peer;
             match timeout_at(handshake.deadline, acceptor.accept(conn.into_stream())).await {
                 Ok(Ok(stream)) => {
                     let mut conn = Conn::new(stream, max_message);
                     match handshake.bounded(negotiate(&mut conn, false)).await {
                         Ok(Negotiated::First(first)) => {
-                            protocol.started(conn, first, handshake).await;
+                            return protocol.started(conn, first, handshake).await;
                         }
                         // A second SSLRequest inside TLS is answered "N": none gets here.
                         Ok(Negotiated::StartTls) => {}
@@ -140,8 +142,12 @@ pub(crate) async fn run<P, S>(
                 Ok(Err(e)) => tracing::info!(peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::info!(peer, "TLS handshake timed out"),
             }
+            None
         }
-        Err(end) => conn.finish(end, &handshake.peer).await,
+        Err(end) => {
+            conn.finish(end, &handshake.peer).await;
+            None
+        }
     }
 }
 
