@@ -613,3 +613,31 @@ async fn the_relay_secret_buys_only_what_pgbouncer_needs() {
     assert_eq!(refusals("authentication"), "1");
     relay.stop().await;
 }
+
+/// A relayed session stays the relay's until it ends, however long after its login: shutdown
+/// waits for it up to the grace (2 s here), then cuts it off, rather than returning at once
+/// and leaving it to run on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_relayed_session_then_cuts_it_off() {
+    let standin = Standin::start();
+    let source = token_source(&standin, Duration::from_secs(900));
+    let good = upstream(&standin, standin.host(), standin.port());
+    let relay = Relay::tcp(config(&standin.ca_path(), vec![(TARGET, good)]), source).await;
+    let client = relay
+        .connect("app_user", Some(SECRET), TARGET)
+        .await
+        .unwrap();
+    assert_eq!(current_user(&client).await, "app_user");
+
+    let stopping = Instant::now();
+    relay.stop().await;
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "serve returned after {took:?}, without waiting for the relayed session"
+    );
+    let after = tokio::time::timeout(Duration::from_secs(5), client.simple_query("SELECT 1"))
+        .await
+        .expect("the cut-off session answers at once");
+    assert!(after.is_err(), "the relayed session outlived the relay");
+}
