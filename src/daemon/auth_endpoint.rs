@@ -4,6 +4,7 @@
 
 use super::running_mode::Start;
 use crate::backoff;
+use crate::code_pages::CodePages;
 use crate::config::{Database, LocalListen};
 use crate::endpoint::{
     BoundListener, DEFAULT_SOCKET_MODE, EndpointConfig, Limits, Listen, Lookup, TokenLookup,
@@ -66,6 +67,7 @@ impl AuthEndpoint {
             plan.answer,
             start.source.clone(),
             start.metrics.clone(),
+            start.code_pages.clone(),
         ));
         let config = Arc::new(EndpointConfig {
             auth_user: render::AUTH_USER.to_owned(),
@@ -178,6 +180,9 @@ struct SourceLookup {
     answer: Answer,
     source: Arc<TokenSource>,
     metrics: Arc<Metrics>,
+    /// Each lookup is a login by PgBouncer (TLS, SCRAM): code the idle endpoint does not need
+    /// resident afterwards.
+    code_pages: CodePages,
 }
 
 impl SourceLookup {
@@ -186,6 +191,7 @@ impl SourceLookup {
         answer: Answer,
         source: Arc<TokenSource>,
         metrics: Arc<Metrics>,
+        code_pages: CodePages,
     ) -> Self {
         Self {
             databases: databases
@@ -195,6 +201,7 @@ impl SourceLookup {
             answer,
             source,
             metrics,
+            code_pages,
         }
     }
 }
@@ -202,6 +209,7 @@ impl SourceLookup {
 impl TokenLookup for SourceLookup {
     async fn lookup(&self, database: &str, user: &str) -> Lookup {
         let started = Instant::now();
+        self.code_pages.work_ran();
         let Some(entry) = self.databases.get(database) else {
             self.metrics
                 .auth_query_answered(AuthQueryResult::Failed, started.elapsed());

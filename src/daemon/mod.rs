@@ -19,6 +19,7 @@ mod state;
 
 pub use logging::init_logging;
 
+use crate::code_pages::CodePages;
 use crate::config::Settings;
 use crate::http;
 use crate::metrics::Metrics;
@@ -123,6 +124,10 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         stopped(),
     ));
 
+    let code_pages = CodePages::spawn({
+        let state = state.clone();
+        async move { state.until_started().await }
+    });
     let mut token_events = source.subscribe();
     // Before any file names the probe's entry.
     let limit_probe = limit_probe::LimitProbe::prepare(&settings, &dir).await?;
@@ -132,6 +137,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         admin_secret: &admin_secret,
         source: &source,
         metrics: &metrics,
+        code_pages: &code_pages,
     };
     let starting = RunningMode::start(&start, &stopped);
     let mut mode = tokio::select! {
@@ -173,6 +179,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
                 let Some(changed) = changed else {
                     return Err("the token source stopped".into());
                 };
+                code_pages.work_ran();
                 if mode.on_new_tokens(&source, &changed).await {
                     reloader.request();
                 }

@@ -3,6 +3,7 @@
 //! the endpoint. Nothing PgBouncer holds can go stale.
 
 use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, LocalAddress, is_tcp};
+use super::relay_tokens::RelayTokens;
 use super::running_mode::Start;
 use crate::config::{PassthroughSettings, Settings};
 use crate::endpoint::self_signed_tls;
@@ -35,6 +36,7 @@ impl PassthroughMode {
             dir,
             source,
             metrics,
+            code_pages,
             ..
         } = *start;
         let [relay_stopped, endpoint_stopped] = stopped;
@@ -63,7 +65,10 @@ impl PassthroughMode {
         tokio::spawn(crate::relay::serve(
             listener,
             Arc::new(config),
-            source.clone(),
+            RelayTokens {
+                source: source.clone(),
+                code_pages: code_pages.clone(),
+            },
             relay_stopped,
         ));
         tracing::info!(listen = ?relay.listen, max_connections, "relay listening");

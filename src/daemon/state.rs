@@ -43,10 +43,6 @@ impl DaemonState {
     pub fn mark_started(&self) {
         if !self.started.send_replace(true) {
             tracing::info!("started: PgBouncer has the first tokens");
-            match crate::startup_pages::release() {
-                Ok(bytes) => tracing::debug!(bytes, "start-up code pages released"),
-                Err(error) => tracing::debug!(%error, "cannot release start-up code pages"),
-            }
         }
     }
 

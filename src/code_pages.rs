@@ -1,22 +1,68 @@
-//! Start-up code pages, handed back once the daemon has started.
+//! The binary's code pages, handed back a few seconds after each burst of work.
 //!
 //! Measured on the idle daemon with one user (docs/BENCHMARKS.md, "Memory"): of its 12.6-14.2
-//! MiB VmRSS only 1.2-1.5 MiB is anonymous (heap 0.6-0.8 MiB, one thread's stack 0.1 MiB);
-//! 9.5-10.6 MiB is the binary's own read-only pages, mapped while parsing flags and TOML,
-//! loading AWS configuration and building TLS configs, 64 KiB at a time by the kernel's
-//! fault-around. They stay in the resident set though the running daemon never touches a
-//! fifth to a third of them again. Unmapping them with `MADV_DONTNEED` costs nothing to
-//! correctness: they are clean file pages, still in the page cache, and any the daemon touches
-//! again come back with a minor fault. Idle VmRSS fell by 2-3.5 MiB (config mode 12.6 -> 9.1
-//! MiB).
+//! MiB VmRSS only 1.2-1.8 MiB is anonymous; the rest is mostly the binary's own read-only
+//! pages, mapped by start-up (flags, TOML, the AWS configuration loader, TLS configs) and
+//! later by token refreshes and the relay's TLS logins to the server, 64-128 KiB per fault by
+//! the kernel's fault-around. They stay in the resident set though the idle daemon never
+//! touches them until the next burst. Unmapping them with `MADV_DONTNEED` costs nothing to
+//! correctness: they are clean file pages, still in the page cache (and charged to a
+//! container's memory cgroup either way), and any the daemon touches again come back with a
+//! minor fault. What drops is the process's RSS, not the machine's memory use.
 
+use std::future::Future;
 use std::io;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long the releaser lets a burst of work settle: one token refresh or relay login is
+/// over in milliseconds; a burst of many shares one release. It is also the shortest time
+/// between two releases, which bounds the minor faults they cost.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// Tells the releaser that work ran which touched code the idle daemon does not need.
+#[derive(Clone)]
+pub struct CodePages {
+    work_ran: watch::Sender<()>,
+}
+
+impl CodePages {
+    /// Spawns the releaser: it releases the pages once `started` resolves, then `SETTLE`
+    /// after each burst of work. It ends when the last `CodePages` is dropped.
+    pub fn spawn(started: impl Future<Output = ()> + Send + 'static) -> Self {
+        let (work_ran, work) = watch::channel(());
+        tokio::spawn(release_after_work(started, work));
+        Self { work_ran }
+    }
+
+    /// Work ran (a token refresh, a relay login): release the pages once it has settled.
+    pub fn work_ran(&self) {
+        self.work_ran.send_replace(());
+    }
+}
+
+/// Work done before a release (during `SETTLE`, or before start) is covered by it: only work
+/// after it asks for another, so an idle daemon releases nothing.
+async fn release_after_work(started: impl Future<Output = ()>, mut work: watch::Receiver<()>) {
+    started.await;
+    loop {
+        work.mark_unchanged();
+        match release() {
+            Ok(bytes) => tracing::debug!(bytes, "code pages released"),
+            Err(error) => tracing::debug!(%error, "cannot release code pages"),
+        }
+        if work.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(SETTLE).await;
+    }
+}
 
 /// Unmaps the daemon binary's read-only, never-written segments: its code (`r-xp`) and the
 /// segment at file offset 0 (headers, constants, unwind tables). The RELRO segment is left
 /// alone: it is `r--p` too, but its pages hold relocations written at load time, which
 /// `MADV_DONTNEED` would throw away. Returns the bytes unmapped.
-pub fn release() -> io::Result<usize> {
+fn release() -> io::Result<usize> {
     let exe = std::env::current_exe()?;
     let exe = exe.to_string_lossy();
     let maps = std::fs::read_to_string("/proc/self/maps")?;

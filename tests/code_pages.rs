@@ -1,0 +1,67 @@
+//! The daemon hands its binary's code pages back after later work too, not only at start-up:
+//! a relay login maps code (rustls, aws-lc, the login) that the idle daemon does not need.
+
+mod support;
+
+use std::time::Duration;
+use support::client::{connect, scalar};
+use support::daemon::{Daemon, PASSTHROUGH_SETTINGS};
+use support::{Standin, free_port, test_dir, wait_until};
+
+/// Resident KiB of the process's executable mappings of its own binary, from
+/// `/proc/PID/smaps`.
+fn code_rss_kib(pid: u32) -> u64 {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let exe = exe.to_str().unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut in_code = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if !fields[0].ends_with(':') {
+            in_code = fields[1] == "r-xp" && fields.get(5) == Some(&exe);
+        } else if in_code && fields[0] == "Rss:" {
+            total += fields[1].parse::<u64>().unwrap();
+        }
+    }
+    total
+}
+
+/// Logs `user` in through PgBouncer: its first client needs a server connection, so the relay
+/// logs in to the stand-in with a fresh token.
+async fn relay_login(listen_port: u16, user: &str) {
+    let client = connect(listen_port, user, "appdb").await.unwrap();
+    assert_eq!(scalar(&client, "SELECT current_user").await.unwrap(), user);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_pages_are_released_again_after_a_relay_login() {
+    let standin = Standin::start();
+    let work = test_dir("code-pages");
+    let listen_port = free_port();
+    // Tokens that outlive the test: no refresh runs, only the logins below.
+    let settings = PASSTHROUGH_SETTINGS.replace("token_lifetime = 20", "token_lifetime = 900");
+    let daemon = Daemon::start_supervised(work.path(), &standin, listen_port, &settings);
+    let pid = daemon.pid();
+
+    for user in ["app_user", "reporter"] {
+        relay_login(listen_port, user).await;
+        let after_login = code_rss_kib(pid);
+        let released = wait_until(Duration::from_secs(15), || code_rss_kib(pid) < after_login);
+        assert!(
+            released,
+            "{user}: code still {} KiB resident, {after_login} KiB after the login\n{}",
+            code_rss_kib(pid),
+            daemon.log()
+        );
+    }
+    assert!(
+        standin
+            .verifier_log()
+            .iter()
+            .filter(|entry| entry["accepted"] == true)
+            .count()
+            >= 2,
+        "each user's login was a relay login to the stand-in"
+    );
+}
