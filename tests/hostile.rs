@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::client::{Tally, connect, scalar};
 use support::daemon::Daemon;
 use support::flood::{self, Flood};
-use support::{Standin, free_port, test_dir};
+use support::{Standin, anonymous_memory_kib, free_port, test_dir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
@@ -20,15 +20,6 @@ use tokio_postgres::error::SqlState;
 const STORM: Duration = Duration::from_secs(20);
 const WRONG_PASSWORD_REFUSAL: &str =
     "password authentication failed for user \"aws_pgbouncer_auth\"";
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 /// Sends `bytes`, then reads until the endpoint closes (or 15 s pass); true if it closed.
 async fn send_and_expect_close(port: u16, bytes: &[u8]) -> bool {
@@ -102,7 +93,7 @@ users = ["app_user", "reporter"]
     let warm = connect(listen_port, "app_user", "appdb").await.unwrap();
     scalar(&warm, "SELECT 1").await.unwrap();
     drop(warm);
-    let rss_before = rss_kib(daemon.pid());
+    let rss_before = anonymous_memory_kib(daemon.pid());
 
     let stop = Arc::new(AtomicBool::new(false));
     let refused_passwords = Arc::new(AtomicUsize::new(0));
@@ -202,7 +193,7 @@ users = ["app_user", "reporter"]
 
     // Meanwhile, applications keep logging in; each login runs PgBouncer's auth_query.
     let tally = log_in_in_turns(listen_port, STORM, |_| {}).await;
-    let rss_during = rss_kib(daemon.pid());
+    let rss_during = anonymous_memory_kib(daemon.pid());
     stop.store(true, Ordering::Relaxed);
     while attackers.join_next().await.is_some() {}
 
@@ -225,7 +216,7 @@ users = ["app_user", "reporter"]
     );
     let ended = daemon.count_in_log("session ended");
     eprintln!(
-        "hostile: daemon RSS {rss_before} KiB before, {rss_during} KiB during the storm; {} \
+        "hostile: daemon RssAnon {rss_before} KiB before, {rss_during} KiB during the storm; {} \
          refused passwords, {} evicted before login, {ended} \"session ended\" log lines",
         refused_passwords.load(Ordering::Relaxed),
         evicted.load(Ordering::Relaxed)
@@ -312,19 +303,19 @@ async fn another_uid_flooding_the_unix_endpoint_does_not_stop_pgbouncer() {
     for (path, mode) in [(&*daemon.pgbouncer_dir, 0o711), (&*socket, 0o666)] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let (rss_before, fds_before) = (rss_kib(daemon.pid()), open_fds(daemon.pid()));
+    let (rss_before, fds_before) = (anonymous_memory_kib(daemon.pid()), open_fds(daemon.pid()));
 
     let socket_target = format!("unix:{}", socket.display());
     let mut flood = Flood::start(&socket_target, 300, 12.0, flood::Kind::Idle);
     // Logins start once the flood has opened more connections than the endpoint has slots.
     flood.wait_opened(200);
     let tally = log_in_in_turns(listen_port, Duration::from_secs(8), |_| {}).await;
-    let (rss_during, fds_during) = (rss_kib(daemon.pid()), open_fds(daemon.pid()));
+    let (rss_during, fds_during) = (anonymous_memory_kib(daemon.pid()), open_fds(daemon.pid()));
     let total = flood.finish();
 
     let refusal_lines = daemon.count_in_log("connection from another uid closed");
     eprintln!(
-        "unix flood from another uid: {total} connections; {} of {} logins succeeded; daemon RSS \
+        "unix flood from another uid: {total} connections; {} of {} logins succeeded; daemon RssAnon \
          {rss_before} KiB before, {rss_during} KiB during; fds {fds_before} before, \
          {fds_during} during, {} after; {refusal_lines} log lines on refusals by uid, {} on \
          too many connections",
@@ -378,7 +369,7 @@ async fn logins_under_a_tcp_flood(
     let work = test_dir("hostile-tcp");
     let listen_port = free_port();
     let daemon = Daemon::start_supervised(work.path(), &standin, listen_port, settings);
-    let rss_before = rss_kib(daemon.pid());
+    let rss_before = anonymous_memory_kib(daemon.pid());
     let fds_before = open_fds(daemon.pid());
     let mut flood = Flood::start(
         &format!("tcp:127.0.0.1:{flood_port}"),
@@ -394,7 +385,7 @@ async fn logins_under_a_tcp_flood(
         }
     })
     .await;
-    let rss_during = rss_kib(daemon.pid());
+    let rss_during = anonymous_memory_kib(daemon.pid());
     let fds_during = open_fds(daemon.pid());
     let opened = flood.finish();
     // Once the flood has gone, its connections go too.
@@ -417,7 +408,7 @@ fn check(what: &str, run: &FloodRun, min_logins: usize) {
     let total = run.logins.ok() + run.logins.failures().len();
     let log_lines = run.log.lines().count();
     let line = format!(
-        "{what}: {} connections; {} of {total} logins succeeded; daemon RSS {} KiB before, {} \
+        "{what}: {} connections; {} of {total} logins succeeded; daemon RssAnon {} KiB before, {} \
          KiB during; fds {} before, {} during, {} after; {log_lines} daemon log lines",
         run.opened,
         run.logins.ok(),

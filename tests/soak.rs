@@ -10,17 +10,13 @@ use std::process::Command;
 use std::time::Duration;
 use support::daemon::Daemon;
 use support::{
-    ChildGuard, Standin, Testbed, free_port, log_output_to, test_dir, wait_until, write_file,
+    ChildGuard, Standin, Testbed, anonymous_memory_kib, free_port, log_output_to, test_dir,
+    wait_until, write_file,
 };
 
-/// (RSS in KiB, open file descriptors) of a process.
+/// (anonymous resident memory in KiB, open file descriptors) of a process.
 fn footprint(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let rss = anonymous_memory_kib(pid);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
@@ -82,7 +78,7 @@ user = "app_user"
     let (rss_end, fds_end) = footprint(daemon.pid());
     let output = std::fs::read_to_string(&pgbench_log).unwrap();
     eprintln!(
-        "soak: {seconds} s; daemon RSS {rss_start} KiB -> {rss_end} KiB; fds {fds_start} -> {fds_end}; \
+        "soak: {seconds} s; daemon RssAnon {rss_start} KiB -> {rss_end} KiB; fds {fds_start} -> {fds_end}; \
          reloads {}; tokens minted {}",
         daemon.count_in_log("PgBouncer reloaded"),
         daemon.count_in_log("minted a new token"),
@@ -113,7 +109,7 @@ user = "app_user"
     assert!(daemon.count_in_log("PgBouncer reloaded") as u64 >= seconds / 5);
     assert!(
         rss_end <= rss_start + 2048,
-        "memory grew: {rss_start} -> {rss_end} KiB"
+        "anonymous memory grew: {rss_start} -> {rss_end} KiB"
     );
     assert!(
         fds_end <= fds_start + 2,

@@ -277,6 +277,18 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A process's anonymous resident memory in KiB (`RssAnon`): what a leak grows. Not VmRSS: the
+/// daemon releases its binary's clean code pages after each burst of work (`code_pages`), so
+/// its file-backed share rises and falls with whatever ran in the last seconds.
+pub fn anonymous_memory_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// Waits until `cond` holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
