@@ -5,6 +5,7 @@
 //! connections open, and new server logins use the new token.
 
 use super::running_mode::Start;
+use super::state::{DaemonState, FileTokens};
 use crate::backoff;
 use crate::config::Database;
 use crate::pgbouncer::databases_ini::databases_ini;
@@ -22,6 +23,7 @@ pub struct ConfigMode {
     databases: Vec<Database>,
     tokens: TokenTable,
     written: SecretString,
+    state: Arc<DaemonState>,
 }
 
 impl ConfigMode {
@@ -33,6 +35,7 @@ impl ConfigMode {
             dir,
             admin_secret,
             source,
+            state,
             ..
         } = *start;
         let mut tokens = TokenTable::default();
@@ -48,11 +51,13 @@ impl ConfigMode {
                 ca_file: settings.server_ca_file.as_deref(),
             },
         )?;
+        state.tokens_written(tokens.deadlines(&settings.databases));
         Ok(Self {
             dir: dir.to_owned(),
             databases: settings.databases.clone(),
             tokens,
             written,
+            state: state.clone(),
         })
     }
 
@@ -71,6 +76,8 @@ impl ConfigMode {
         match write_atomically(&self.dir, DATABASES_INI, fresh.expose_secret().as_bytes()) {
             Ok(()) => {
                 self.written = fresh;
+                self.state
+                    .tokens_written(self.tokens.deadlines(&self.databases));
                 true
             }
             Err(error) => {
@@ -115,6 +122,16 @@ impl TokenTable {
             }
         }
         all
+    }
+
+    /// Until when each database's token in the file is usable, by token key.
+    fn deadlines(&self, databases: &[Database]) -> FileTokens {
+        let deadlines = databases.iter().filter_map(|db| {
+            self.by_database
+                .get(&db.name)
+                .map(|fresh| (db.target.clone(), fresh.usable_until))
+        });
+        Arc::new(deadlines.collect())
     }
 
     fn render(&self, databases: &[Database], dir: &Path) -> SecretString {

@@ -138,6 +138,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         source: &source,
         metrics: &metrics,
         code_pages: &code_pages,
+        state: &state,
     };
     let starting = RunningMode::start(&start, &stopped);
     let mut mode = tokio::select! {

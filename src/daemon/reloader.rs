@@ -143,6 +143,7 @@ impl Task {
         let mut failures = 0;
         loop {
             requests.borrow_and_update();
+            let loading = self.state.reload_beginning();
             let started = Instant::now();
             let outcome = self.console.reload().await;
             self.metrics
@@ -154,7 +155,7 @@ impl Task {
                         "PgBouncer reloaded"
                     );
                     self.state.pgbouncer_answered();
-                    self.state.mark_started();
+                    self.state.reloaded(loading);
                     return;
                 }
                 Err(error) => {

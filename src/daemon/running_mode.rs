@@ -5,6 +5,7 @@ use super::auth_endpoint::is_tcp;
 use super::auth_query_mode::AuthQueryMode;
 use super::config_mode::ConfigMode;
 use super::passthrough_mode::PassthroughMode;
+use super::state::DaemonState;
 use crate::code_pages::CodePages;
 use crate::config::{ModeSettings, Settings, TlsMode};
 use crate::metrics::Metrics;
@@ -28,6 +29,7 @@ pub(super) struct Start<'a> {
     pub source: &'a Arc<TokenSource>,
     pub metrics: &'a Arc<Metrics>,
     pub code_pages: &'a CodePages,
+    pub state: &'a Arc<DaemonState>,
 }
 
 impl RunningMode {

@@ -5,10 +5,15 @@
 
 use crate::config::Database;
 use crate::http::{Probes, Readiness};
-use crate::token::{TokenKey, TokenSource};
+use crate::token::{TokenKey, TokenSource, still_usable};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 use tokio::sync::watch;
+
+/// Until when each key's token in PgBouncer's files is usable.
+pub type FileTokens = Arc<HashMap<TokenKey, SystemTime>>;
 
 pub struct DaemonState {
     source: Arc<TokenSource>,
@@ -18,6 +23,17 @@ pub struct DaemonState {
     stopping: AtomicBool,
     /// The last failure to reach PgBouncer's admin console, cleared by the next success.
     pgbouncer_trouble: Mutex<Option<String>>,
+    /// Config mode's tokens: a token the source holds is no use to PgBouncer until it is in
+    /// the files and a RELOAD has read them (after a credential outage the source recovers
+    /// first, and logins fail until then).
+    file_tokens: Mutex<FileTokensState>,
+}
+
+#[derive(Default)]
+struct FileTokensState {
+    /// `None` in modes whose files carry no tokens.
+    written: Option<FileTokens>,
+    loaded: FileTokens,
 }
 
 impl DaemonState {
@@ -36,11 +52,27 @@ impl DaemonState {
             started: watch::Sender::new(false),
             stopping: AtomicBool::new(false),
             pgbouncer_trouble: Mutex::new(Some("PgBouncer has not answered yet".into())),
+            file_tokens: Mutex::default(),
         }
     }
 
-    /// PgBouncer has loaded the files with the current tokens.
-    pub fn mark_started(&self) {
+    /// The tokens now in PgBouncer's files; PgBouncer has them once a RELOAD that began
+    /// after this call has succeeded.
+    pub fn tokens_written(&self, tokens: FileTokens) {
+        self.file_tokens.lock().expect("state lock").written = Some(tokens);
+    }
+
+    /// What a RELOAD that begins now will load, for `reloaded` once it has succeeded.
+    pub fn reload_beginning(&self) -> Option<FileTokens> {
+        self.file_tokens.lock().expect("state lock").written.clone()
+    }
+
+    /// A RELOAD succeeded: PgBouncer has loaded the files, with at least the tokens that
+    /// were written when it began.
+    pub fn reloaded(&self, tokens: Option<FileTokens>) {
+        if let Some(tokens) = tokens {
+            self.file_tokens.lock().expect("state lock").loaded = tokens;
+        }
         if !self.started.send_replace(true) {
             tracing::info!("started: PgBouncer has the first tokens");
         }
@@ -78,15 +110,27 @@ impl Probes for DaemonState {
             reasons.push("starting: PgBouncer does not have the first tokens yet".to_owned());
         }
         let health = self.source.health();
+        let lifetime = self.source.lifetime();
+        let file_tokens = self.file_tokens.lock().expect("state lock");
         for target in &self.targets {
             let entry = health.iter().find(|(key, _)| key == target).map(|(_, h)| h);
-            if !entry.is_some_and(|h| h.has_usable_token(self.source.lifetime())) {
+            if !entry.is_some_and(|h| h.has_usable_token(lifetime)) {
                 let cause = entry
                     .and_then(|h| h.last_error.as_ref())
                     .map_or("none minted yet", |error| error.cause());
                 reasons.push(format!("no valid token for {target} ({cause})"));
+            } else if file_tokens.written.is_some()
+                && !file_tokens
+                    .loaded
+                    .get(target)
+                    .is_some_and(|until| still_usable(*until, lifetime))
+            {
+                reasons.push(format!(
+                    "PgBouncer has not yet loaded a valid token for {target}"
+                ));
             }
         }
+        drop(file_tokens);
         if let Some(trouble) = self.pgbouncer_trouble.lock().expect("state lock").clone() {
             reasons.push(trouble);
         }
@@ -105,17 +149,53 @@ mod tests {
     use crate::token::{CredentialCache, Presenter, TokenSource};
     use aws_credential_types::Credentials;
     use aws_credential_types::provider::SharedCredentialsProvider;
+    use std::collections::HashMap;
+    use std::sync::Arc;
     use std::time::Duration;
 
-    #[test]
-    fn readiness_names_every_allowed_user_without_a_token() {
+    fn source() -> Arc<TokenSource> {
         let credentials = Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
         let lifetime = Duration::from_secs(900);
-        let source = TokenSource::new(
+        TokenSource::new(
             CredentialCache::new(SharedCredentialsProvider::new(credentials), lifetime),
             lifetime,
             Presenter::PgBouncer,
+        )
+    }
+
+    #[tokio::test]
+    async fn in_config_mode_readiness_waits_for_pgbouncer_to_load_a_valid_token() {
+        let source = source();
+        let app = database("app", "app_user");
+        let state = DaemonState::new(source.clone(), std::slice::from_ref(&app));
+        state.pgbouncer_answered();
+        let old = source.token(&app.target).await.unwrap().usable_until;
+        state.tokens_written(Arc::new(HashMap::from([(app.target.clone(), old)])));
+        let first_reload = state.reload_beginning();
+        state.reloaded(first_reload);
+        assert!(state.readiness().ready, "{:?}", state.readiness().reasons);
+
+        // The token PgBouncer loaded has died (as in a credential outage), and the source
+        // has a fresh one that is written but not yet reloaded.
+        let dead = std::time::SystemTime::now() - Duration::from_secs(1);
+        state.reloaded(Some(Arc::new(HashMap::from([(app.target.clone(), dead)]))));
+        let fresh = source.refresh_now(&app.target).await.unwrap().usable_until;
+        state.tokens_written(Arc::new(HashMap::from([(app.target.clone(), fresh)])));
+        let reasons = state.readiness().reasons;
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(
+            reasons[0].starts_with("PgBouncer has not yet loaded a valid token for app_user@"),
+            "{reasons:?}"
         );
+
+        let reload = state.reload_beginning();
+        state.reloaded(reload);
+        assert!(state.readiness().ready, "{:?}", state.readiness().reasons);
+    }
+
+    #[test]
+    fn readiness_names_every_allowed_user_without_a_token() {
+        let source = source();
         let mut shared = database("app", "app_user");
         shared.allowed_users.push("reporter".into());
         // The same key twice (another entry for app_user on the same host) is one target.

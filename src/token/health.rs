@@ -76,6 +76,12 @@ impl From<CredentialsError> for TokenError {
     }
 }
 
+/// True while a token usable until `until` is not about to die: one with less than
+/// `minimum_life` left may expire between its hand-over and the login it is for.
+pub fn still_usable(until: SystemTime, lifetime: Duration) -> bool {
+    until >= SystemTime::now() + minimum_life(lifetime)
+}
+
 /// What readiness and metrics need to know about one key.
 #[derive(Debug, Clone, Default)]
 pub struct KeyHealth {
@@ -95,7 +101,7 @@ impl KeyHealth {
     /// True while a token that is not about to die is available.
     pub fn has_usable_token(&self, lifetime: Duration) -> bool {
         self.usable_until
-            .is_some_and(|until| until >= SystemTime::now() + minimum_life(lifetime))
+            .is_some_and(|until| still_usable(until, lifetime))
     }
 
     pub(super) fn record_success(&mut self, fresh: &FreshToken) {

@@ -13,7 +13,7 @@ mod source;
 pub use credentials::{CredentialCache, default_chain, minimum_life};
 pub use dsql::{DsqlAction, DsqlKey, mint_dsql};
 pub use events::{Changed, KeyEvents};
-pub use health::{KeyHealth, TokenError};
+pub use health::{KeyHealth, TokenError, still_usable};
 pub use password_limit::{
     Learned, LimitInForce, MAX_TOKEN_BYTES, PasswordLimit, check_pgbouncer_limit,
 };
