@@ -1,5 +1,6 @@
 //! The daemon hands its binary's code pages back after later work too, not only at start-up:
-//! a relay login maps code (rustls, aws-lc, the login) that the idle daemon does not need.
+//! a relay login maps code (rustls, aws-lc, the login) that the idle daemon does not need, and
+//! so does the reloader's work on PgBouncer's admin console (RELOADs, the periodic ping).
 
 mod support;
 
@@ -63,5 +64,53 @@ async fn code_pages_are_released_again_after_a_relay_login() {
             .count()
             >= 2,
         "each user's login was a relay login to the stand-in"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_pages_are_released_again_after_the_reloaders_admin_console_work() {
+    let standin = Standin::start();
+    let work = test_dir("code-pages-ping");
+    let listen_port = free_port();
+    // Tokens that outlive the test and no clients: after start-up only the reloader talks to
+    // PgBouncer's admin console: the RELOAD once the password-limit probe has measured, and
+    // the check that PgBouncer answers every 10 s of quiet.
+    let settings = r#"
+mode = "config"
+token_lifetime = 900
+
+[[databases]]
+name = "appdb"
+host = "localhost"
+port = {standin_port}
+dbname = "appdb"
+user = "app_user"
+"#;
+    let daemon = Daemon::start_supervised(work.path(), &standin, listen_port, settings);
+    let pid = daemon.pid();
+
+    // Either maps the admin console's client back in: wait for the rise over the lowest level
+    // seen since start-up's release.
+    let mut lowest = code_rss_kib(pid);
+    let mut after_console_work = 0;
+    let rose = wait_until(Duration::from_secs(30), || {
+        let now = code_rss_kib(pid);
+        lowest = lowest.min(now);
+        after_console_work = now;
+        now >= lowest + 256
+    });
+    assert!(
+        rose,
+        "no RELOAD or ping mapped code back in: {lowest} KiB\n{}",
+        daemon.log()
+    );
+    let released = wait_until(Duration::from_secs(15), || {
+        code_rss_kib(pid) < after_console_work
+    });
+    assert!(
+        released,
+        "code still {} KiB resident, {after_console_work} KiB after the RELOAD or ping\n{}",
+        code_rss_kib(pid),
+        daemon.log()
     );
 }

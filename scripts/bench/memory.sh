@@ -3,7 +3,9 @@
 # build, static keys from the environment): config mode with one entry, auth-query and
 # passthrough mode with one user, each with its supervised PgBouncer, 30-s tokens. One login
 # through each PgBouncer, BENCH_IDLE s of idle (token refreshes happen meanwhile), two more
-# logins; then per daemon: VmRSS, RssAnon, RssFile, VmHWM and the thread count from
+# logins. During the idle time each daemon's VmRSS is sampled every 0.25 s (mean, median, max
+# and the share of samples under 10 MiB: one end sample depends on whether it lands in the
+# seconds after a refresh). Then per daemon: VmRSS, RssAnon, RssFile, VmHWM and the thread count from
 # /proc/PID/status, the threads' names, and VmRSS split by mapping from /proc/PID/smaps
 # (mappings of 48 KiB and more).
 #
@@ -30,7 +32,27 @@ names=(config auth-query passthrough)
 login() { psql -X -q -A -t -h 127.0.0.1 -p "${bench_port[$1]}" -U app_user -d appdb -c 'SELECT 1' >/dev/null; }
 for name in "${names[@]}"; do login "$name"; done
 say "idle for $IDLE s"
-sleep "$IDLE"
+# sample_rss SECONDS NAME=PID...: VmRSS every 0.25 s, summarised per name.
+sample_rss() {
+    python3 - "$@" <<'PY'
+import statistics, sys, time
+seconds, pids = float(sys.argv[1]), dict(arg.split("=") for arg in sys.argv[2:])
+samples = {name: [] for name in pids}
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    for name, pid in pids.items():
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                samples[name].append(int(line.split()[1]) / 1024)
+    time.sleep(0.25)
+for name, mib in samples.items():
+    under = sum(1 for value in mib if value < 10) / len(mib)
+    print(f"{name:12} idle VmRSS MiB: mean {statistics.mean(mib):.1f}, median "
+          f"{statistics.median(mib):.1f}, max {max(mib):.1f}; under 10 MiB in {under:.0%} "
+          f"of {len(mib)} samples")
+PY
+}
+sample_rss "$IDLE" $(for name in "${names[@]}"; do printf '%s=%s ' "$name" "${bench_daemon_pid[$name]}"; done) >"$RESULTS/idle-samples.txt"
 for name in "${names[@]}"; do login "$name" && login "$name"; done
 sleep 3
 
@@ -56,6 +78,7 @@ PY
     echo "command: BENCH_IDLE=$IDLE BENCH_DAEMON_ENV=\"${BENCH_DAEMON_ENV:-}\" bash scripts/bench/memory.sh"
     cat "$RESULTS/machine.txt"
     echo "binary: $(stat -c %s "$DAEMON") bytes ($("$DAEMON" --version)); token lifetime $LIFETIME s"
+    cat "$RESULTS/idle-samples.txt"
     for name in "${names[@]}"; do
         pid=${bench_daemon_pid[$name]}
         echo

@@ -155,6 +155,7 @@ async fn run_with(settings: Settings, mut signals: Signals) -> Result<Outcome, S
         running_mode::expected_server_tls(&settings),
         state.clone(),
         metrics.clone(),
+        code_pages.clone(),
     ));
     if let Some(probe) = limit_probe {
         probe.spawn(source.clone(), state.clone(), reloader.clone());
