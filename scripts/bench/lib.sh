@@ -28,7 +28,9 @@ free_port() {
 # The working directory (removed on exit) and the results directory (kept).
 WORK=$(mktemp -d /tmp/aws-pgbouncer-bench.XXXXXX)
 chmod 0755 "$WORK"
-RESULTS=${BENCH_RESULTS:-$REPO/target/bench-results/$(basename "$0" .sh)-$(date +%Y%m%d-%H%M%S)}
+# The shell's pid in the name: two runs started in the same second (a before and an after
+# build side by side) would otherwise write over each other's results.
+RESULTS=${BENCH_RESULTS:-$REPO/target/bench-results/$(basename "$0" .sh)-$(date +%Y%m%d-%H%M%S)-$$}
 mkdir -p "$RESULTS"
 
 # PgBouncer refuses to run as root; so does the daemon that supervises it here.
