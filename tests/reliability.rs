@@ -352,6 +352,18 @@ async fn survives_a_write_failure(
     fresh_login_query(&standin, listen_port)
         .await
         .expect("login on the old token");
+    // Once it is about to die, readiness says PgBouncer has no valid token, though the
+    // daemon has minted newer ones.
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            daemon.http_get("/readyz").is_some_and(|(status, body)| {
+                status == 503 && body.contains("PgBouncer has not yet loaded a valid token")
+            })
+        }),
+        "{:?}\n{}",
+        daemon.http_get("/readyz"),
+        daemon.log()
+    );
 
     mend_writes(&dir);
     assert!(
@@ -360,7 +372,16 @@ async fn survives_a_write_failure(
         }),
         "the daemon did not write again"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Ready again once PgBouncer has reloaded the new token.
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            daemon
+                .http_get("/readyz")
+                .is_some_and(|(status, _)| status == 200)
+        }),
+        "{:?}",
+        daemon.http_get("/readyz")
+    );
     fresh_login_query(&standin, listen_port)
         .await
         .expect("login on the new token");
