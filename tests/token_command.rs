@@ -181,3 +181,68 @@ fn token_flags_that_do_not_fit_the_kind_are_usage_errors() {
         assert!(output.stdout.is_empty(), "{args:?} printed a token");
     }
 }
+
+/// The region of the token's credential scope (`X-Amz-Credential=AKID/DATE/REGION/...`).
+fn scope_region(token: &str) -> String {
+    let credential = token
+        .split('&')
+        .find_map(|param| param.strip_prefix("X-Amz-Credential="))
+        .expect("an X-Amz-Credential");
+    credential.split("%2F").nth(2).expect("a region").to_owned()
+}
+
+#[test]
+fn the_region_a_host_name_spells_wins_over_the_environments() {
+    // EKS puts AWS_REGION in every pod; a database in another region needs its own.
+    let token_with_env = |host: &str| {
+        let output = command(Some(&creds()))
+            .env("AWS_REGION", "us-east-1")
+            .args(["token", "--host", host, "--user", "app_user"])
+            .output()
+            .expect("run aws-pgbouncer token");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).expect("UTF-8")
+    };
+    let elsewhere = token_with_env("orders.c0ffee12.eu-west-1.rds.amazonaws.com");
+    assert_eq!(scope_region(&elsewhere), "eu-west-1", "{elsewhere}");
+    // A host name that spells no region (a CNAME) still takes the environment's.
+    let cname = token_with_env("orders.db.internal");
+    assert_eq!(scope_region(&cname), "us-east-1", "{cname}");
+}
+
+#[test]
+fn a_region_given_against_the_host_names_is_used_with_a_warning() {
+    let host = "orders.c0ffee12.eu-west-1.rds.amazonaws.com";
+    let given = token(&[
+        "--host",
+        host,
+        "--user",
+        "app_user",
+        "--region",
+        "us-east-1",
+    ]);
+    assert_eq!(scope_region(&given), "us-east-1", "{given}");
+    // `run` logs why such tokens will be refused (and then stops here: the directory cannot
+    // be made).
+    let output = command(Some(&creds()))
+        .args([
+            "run", "--mode", "config", "--host", host, "--user", "app_user",
+        ])
+        .args(["--dbname", "orders", "--region", "us-east-1"])
+        .args([
+            "--server-tls-mode",
+            "disable",
+            "--pgbouncer-dir",
+            "/dev/null/pgbouncer",
+        ])
+        .output()
+        .expect("run aws-pgbouncer run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not the one its name spells")
+            && stderr.contains("region=\"us-east-1\"")
+            && stderr.contains("host_region=\"eu-west-1\""),
+        "{stderr}"
+    );
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+}

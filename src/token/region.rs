@@ -1,9 +1,12 @@
 //! Which region a token is signed for.
 //!
-//! The order matches what users of `aws rds generate-db-auth-token` expect: an explicit flag,
-//! then the SDK's environment and profile settings, then the region spelled in an RDS host
-//! name. IMDS is deliberately not asked: off EC2 it costs seconds of timeouts, and a wrong
-//! guess would only produce tokens that RDS rejects.
+//! The order: a region given to the daemon (flag, setting), then the region an AWS host name
+//! spells, then the SDK's environment and profile settings. The host name comes before the
+//! environment, unlike `aws rds generate-db-auth-token`, because RDS refuses a token signed
+//! for any region but its own, and the environment describes the pod, not the database: EKS
+//! injects `AWS_REGION` into every pod, so a database in another region would otherwise get
+//! tokens that can never log in. IMDS is deliberately not asked: off EC2 it costs seconds of
+//! timeouts, and a wrong guess would only produce tokens that RDS rejects.
 
 use aws_config::environment::region::EnvironmentVariableRegionProvider;
 use aws_config::meta::region::RegionProviderChain;
@@ -20,8 +23,21 @@ pub struct RegionError {
 }
 
 pub async fn resolve_region(explicit: Option<&str>, host: &str) -> Result<String, RegionError> {
+    let named = region_from_host(host);
     if let Some(region) = explicit.filter(|region| !region.is_empty()) {
+        if let Some(named) = named.as_deref().filter(|named| *named != region) {
+            tracing::warn!(
+                host,
+                region,
+                host_region = named,
+                "the region given for this host is not the one its name spells: RDS refuses \
+                 tokens signed for another region than its own"
+            );
+        }
         return Ok(region.to_owned());
+    }
+    if let Some(named) = named {
+        return Ok(named);
     }
     let configured = RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
         .or_else(ProfileFileRegionProvider::new())
@@ -29,7 +45,6 @@ pub async fn resolve_region(explicit: Option<&str>, host: &str) -> Result<String
         .await;
     configured
         .map(|region| region.as_ref().to_owned())
-        .or_else(|| region_from_host(host))
         .ok_or_else(|| RegionError {
             host: host.to_owned(),
         })
