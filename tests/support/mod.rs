@@ -3,7 +3,8 @@
 //! mint tokens with botocore and to log in with a real client (psql).
 //!
 //! One module per job: `testbed`, `child` (process guards), `tokens`, `psql`, `standin`,
-//! `pgbouncer` and `moto`, re-exported here, next to the daemon and client helpers.
+//! `pgbouncer`, `moto` and `relay` (an in-process relay), re-exported here, next to the
+//! daemon and client helpers.
 //!
 //! Each test file does `mod support;`. Nothing here skips: a missing test bed panics with
 //! the command that provisions it.
@@ -22,6 +23,7 @@ pub mod flood;
 pub mod moto;
 pub mod pgbouncer;
 pub mod psql;
+pub mod relay;
 pub mod standin;
 pub mod sts_recorder;
 pub mod testbed;
@@ -46,6 +48,8 @@ pub use moto::Moto;
 pub use pgbouncer::{PgBouncer, ini_settings};
 #[allow(unused_imports)]
 pub use psql::{psql, tls_conninfo};
+#[allow(unused_imports)]
+pub use relay::{Relay, SECRET, TARGET, config, current_user, explain, token_source, upstream};
 #[allow(unused_imports)]
 pub use standin::{Standin, pgbouncer_quote, sql_literal};
 #[allow(unused_imports)]
