@@ -3,8 +3,8 @@
 //! mint tokens with botocore and to log in with a real client (psql).
 //!
 //! One module per job: `testbed`, `child` (process guards), `tokens`, `psql`, `standin`,
-//! `pgbouncer`, `moto` and `relay` (an in-process relay), re-exported here, next to the
-//! daemon and client helpers.
+//! `pgbouncer`, `moto`, `relay` (an in-process relay) and `auth_endpoint` (the auth-query
+//! endpoint with a stub lookup), re-exported here, next to the daemon and client helpers.
 //!
 //! Each test file does `mod support;`. Nothing here skips: a missing test bed panics with
 //! the command that provisions it.
@@ -15,6 +15,7 @@
 //! on the test's own thread (not on a helper thread that ends before the test does).
 #![allow(dead_code)]
 
+pub mod auth_endpoint;
 pub mod child;
 pub mod client;
 pub mod credentials_server;
@@ -40,6 +41,10 @@ use std::time::{Duration, Instant};
 
 // The paths tests use (`support::Standin`, ...). Each test binary uses a subset, so unused
 // re-exports are allowed, as dead code is above.
+#[allow(unused_imports)]
+pub use auth_endpoint::{
+    AUTH_SECRET, AUTH_USER, DATABASE, Endpoint, PGBOUNCER_QUERY, RawClient, Stub, quick_limits,
+};
 #[allow(unused_imports)]
 pub use child::{ChildGuard, StopPolicy, as_runner, log_output_to};
 #[allow(unused_imports)]
