@@ -50,8 +50,8 @@ APT_PACKAGES=(
     libpam0g-dev libevent-dev libssl-dev pkg-config build-essential dpkg-dev
     openssl python3 python3-venv util-linux ca-certificates curl
 )
-# tests/packaging.rs parses flake.nix. (docker-compose, which validates the compose file when
-# present, comes with the container tooling that runs the compose demo.)
+# tests/packaging_images.rs parses flake.nix. (docker-compose, which validates the compose file
+# when present, comes with the container tooling that runs the compose demo.)
 [ "$FOR_TESTS" -eq 1 ] && APT_PACKAGES+=(nix-bin)
 apt_updated=0
 apt_update() {

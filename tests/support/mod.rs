@@ -22,6 +22,7 @@ pub mod credentials_server;
 pub mod daemon;
 pub mod flood;
 pub mod moto;
+pub mod packaging;
 pub mod pgbouncer;
 pub mod psql;
 pub mod relay;
@@ -49,6 +50,11 @@ pub use auth_endpoint::{
 pub use child::{ChildGuard, StopPolicy, as_runner, log_output_to};
 #[allow(unused_imports)]
 pub use moto::Moto;
+#[allow(unused_imports)]
+pub use packaging::{
+    check_command_line, env_vars_in, get, help_of, k8s_manifests, read, repo, run_binary, str_of,
+    strings, yaml_documents,
+};
 #[allow(unused_imports)]
 pub use pgbouncer::{PgBouncer, ini_settings};
 #[allow(unused_imports)]
