@@ -9,7 +9,7 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{
+use support::auth_endpoint::{
     AUTH_SECRET, AUTH_USER, DATABASE, Endpoint, PGBOUNCER_QUERY, RawClient, Stub, quick_limits,
 };
 use tokio::sync::oneshot;

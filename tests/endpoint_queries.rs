@@ -6,7 +6,9 @@ mod support;
 
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use support::{AUTH_SECRET, AUTH_USER, Endpoint, PGBOUNCER_QUERY, RawClient, quick_limits};
+use support::auth_endpoint::{
+    AUTH_SECRET, AUTH_USER, Endpoint, PGBOUNCER_QUERY, RawClient, quick_limits,
+};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use support::{
+use support::packaging::{
     check_command_line, env_vars_in, get, help_of, k8s_manifests, read, repo, run_binary, str_of,
     strings, yaml_documents,
 };

@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::process::Command;
-use support::{env_vars_in, help_of, read, repo};
+use support::packaging::{env_vars_in, help_of, read, repo};
 
 // ----------------------------------------------------------------------------- Nix
 

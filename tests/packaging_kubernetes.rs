@@ -6,7 +6,7 @@ mod support;
 
 use serde_norway::Value;
 use std::collections::BTreeSet;
-use support::{
+use support::packaging::{
     check_command_line, env_vars_in, get, help_of, k8s_manifests, read, str_of, strings,
 };
 

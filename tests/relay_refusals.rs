@@ -8,10 +8,10 @@ use aws_pgbouncer::endpoint::{self, Listen};
 use aws_pgbouncer::metrics::Metrics;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{
-    Relay, SECRET, Standin, TARGET, config, current_user, explain, psql, test_dir, token_source,
-    upstream,
+use support::relay::{
+    Relay, SECRET, TARGET, config, current_user, explain, token_source, upstream,
 };
+use support::{Standin, psql, test_dir};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 

@@ -7,10 +7,10 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::client::kill_idle_backends;
-use support::{
-    PgBouncer, Relay, SECRET, Standin, TARGET, config, current_user, explain, free_port, test_dir,
-    token_source, upstream, wait_until, write_file,
+use support::relay::{
+    Relay, SECRET, TARGET, config, current_user, explain, token_source, upstream,
 };
+use support::{PgBouncer, Standin, free_port, test_dir, wait_until, write_file};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 

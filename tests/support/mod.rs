@@ -3,8 +3,9 @@
 //! mint tokens with botocore and to log in with a real client (psql).
 //!
 //! One module per job: `testbed`, `child` (process guards), `tokens`, `psql`, `standin`,
-//! `pgbouncer`, `moto`, `relay` (an in-process relay) and `auth_endpoint` (the auth-query
-//! endpoint with a stub lookup), re-exported here, next to the daemon and client helpers.
+//! `pgbouncer` and `moto`, re-exported here, next to the daemon and client helpers; the
+//! helpers of a few test files alike, `relay` (an in-process relay), `auth_endpoint` (the
+//! auth-query endpoint with a stub lookup) and `packaging`, are used by their module path.
 //!
 //! Each test file does `mod support;`. Nothing here skips: a missing test bed panics with
 //! the command that provisions it.
@@ -43,24 +44,13 @@ use std::time::{Duration, Instant};
 // The paths tests use (`support::Standin`, ...). Each test binary uses a subset, so unused
 // re-exports are allowed, as dead code is above.
 #[allow(unused_imports)]
-pub use auth_endpoint::{
-    AUTH_SECRET, AUTH_USER, DATABASE, Endpoint, PGBOUNCER_QUERY, RawClient, Stub, quick_limits,
-};
-#[allow(unused_imports)]
 pub use child::{ChildGuard, StopPolicy, as_runner, log_output_to};
 #[allow(unused_imports)]
 pub use moto::Moto;
 #[allow(unused_imports)]
-pub use packaging::{
-    check_command_line, env_vars_in, get, help_of, k8s_manifests, read, repo, run_binary, str_of,
-    strings, yaml_documents,
-};
-#[allow(unused_imports)]
 pub use pgbouncer::{PgBouncer, ini_settings};
 #[allow(unused_imports)]
 pub use psql::{psql, tls_conninfo};
-#[allow(unused_imports)]
-pub use relay::{Relay, SECRET, TARGET, config, current_user, explain, token_source, upstream};
 #[allow(unused_imports)]
 pub use standin::{Standin, pgbouncer_quote, sql_literal};
 #[allow(unused_imports)]
