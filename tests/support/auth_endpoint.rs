@@ -1,6 +1,7 @@
 //! The auth-query endpoint on a local port with a stub token lookup ([`Endpoint`], [`Stub`]),
 //! and [`RawClient`], a client that sends exactly what PgBouncer sends, message by message.
 
+use super::in_process::InProcess;
 use aws_pgbouncer::endpoint::{
     self, BoundListener, EndpointConfig, Limits, Listen, Lookup, TokenLookup,
 };
@@ -13,8 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
 pub const AUTH_USER: &str = "pgbouncer_auth";
@@ -37,8 +36,7 @@ impl TokenLookup for Stub {
 
 pub struct Endpoint {
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
+    server: InProcess,
 }
 
 impl Endpoint {
@@ -54,15 +52,10 @@ impl Endpoint {
             tls,
             metrics: None,
         });
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(endpoint::serve(listener, config, Arc::new(Stub), async {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            stop: Some(stop),
-            task,
-        }
+        let server = InProcess::spawn(|shutdown| {
+            endpoint::serve(listener, config, Arc::new(Stub), shutdown)
+        });
+        Self { addr, server }
     }
 
     pub fn config(
@@ -98,13 +91,8 @@ impl Endpoint {
         self.connect(AUTH_USER, Some(AUTH_SECRET)).await.unwrap()
     }
 
-    pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("serve returns after shutdown")
-            .unwrap()
-            .unwrap();
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

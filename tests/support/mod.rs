@@ -22,6 +22,7 @@ pub mod client;
 pub mod credentials_server;
 pub mod daemon;
 pub mod flood;
+pub mod in_process;
 pub mod moto;
 pub mod packaging;
 pub mod pgbouncer;

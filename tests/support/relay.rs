@@ -3,6 +3,7 @@
 //! client that logs in to it.
 
 use super::Standin;
+use super::in_process::InProcess;
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_pgbouncer::endpoint::{BoundListener, Listen};
@@ -12,8 +13,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
 /// The relay secret: what PgBouncer logs in to the relay with.
@@ -66,23 +65,16 @@ pub fn config(ca: &Path, targets: Vec<(&str, Upstream)>) -> RelayConfig {
 
 pub struct Relay {
     pub port: u16,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
+    server: InProcess,
 }
 
 impl Relay {
     pub async fn start(listen: Listen, config: RelayConfig, source: Arc<TokenSource>) -> Relay {
         let listener = BoundListener::bind(&listen).await.unwrap();
         let port = listener.local_addr().map_or(0, |a| a.port());
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(relay::serve(listener, Arc::new(config), source, async {
-            let _ = stopped.await;
-        }));
-        Relay {
-            port,
-            stop: Some(stop),
-            task,
-        }
+        let server =
+            InProcess::spawn(|shutdown| relay::serve(listener, Arc::new(config), source, shutdown));
+        Relay { port, server }
     }
 
     pub async fn tcp(config: RelayConfig, source: Arc<TokenSource>) -> Relay {
@@ -110,13 +102,8 @@ impl Relay {
         Ok(client)
     }
 
-    pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("serve returns after shutdown")
-            .unwrap()
-            .unwrap();
+    pub async fn stop(self) {
+        self.server.stop().await;
     }
 }
 
