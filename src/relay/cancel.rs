@@ -92,7 +92,7 @@ impl Drop for Registration {
 /// close the connection, as libpq does, so that PgBouncer's next query cannot overtake it.
 pub(super) async fn forward(
     upstream: &Upstream,
-    tls: &tokio_rustls::TlsConnector,
+    tls: &Arc<rustls::ClientConfig>,
     key: CancelKey,
 ) -> Result<(), String> {
     let mut stream = upstream::connect(upstream, tls).await?;

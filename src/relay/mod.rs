@@ -63,6 +63,7 @@ mod login;
 mod pacing;
 mod session;
 mod upstream;
+mod upstream_tls;
 
 pub use pacing::LoginRate;
 pub use session::FORWARDED_PARAMETERS;
@@ -218,7 +219,7 @@ struct Shared<T> {
     config: Arc<RelayConfig>,
     secret: ScramSecret,
     tokens: T,
-    tls: tokio_rustls::TlsConnector,
+    tls: Arc<ClientConfig>,
     cancels: CancelMap,
     pacer: LoginPacer,
     /// The pid of the PgBouncer last logged in over a unix socket, for the CPU follower.
@@ -229,7 +230,7 @@ impl<T> Shared<T> {
     fn new(config: Arc<RelayConfig>, tokens: T) -> Self {
         Self {
             secret: ScramSecret::generate(&config.secret),
-            tls: tokio_rustls::TlsConnector::from(Arc::clone(&config.upstream_tls)),
+            tls: Arc::clone(&config.upstream_tls),
             pacer: LoginPacer::new(
                 config.limits.login_rate,
                 config.limits.handshake_timeout / 2,

@@ -2,21 +2,22 @@
 //! the RDS endpoint name, wherever the connection goes.
 
 use super::Upstream;
+use super::upstream_tls::TlsStream;
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
+use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
-pub(super) type UpstreamStream = TlsStream<TcpStream>;
+pub(super) type UpstreamStream = TlsStream;
 
 /// Connects and starts TLS. The error says which step failed, in words fit for PgBouncer's
 /// log; it holds no secret.
 pub(super) async fn connect(
     upstream: &Upstream,
-    tls: &TlsConnector,
+    tls: &Arc<ClientConfig>,
 ) -> Result<UpstreamStream, String> {
     let (host, port) = upstream.dial_address();
     let addr = format!("{host}:{port}");
@@ -51,7 +52,7 @@ pub(super) async fn connect(
     }
     let name = ServerName::try_from(upstream.host.clone())
         .map_err(|_| format!("{} is not a valid TLS server name", upstream.host))?;
-    tls.connect(name, tcp)
+    TlsStream::connect(Arc::clone(tls), name, tcp)
         .await
         .map_err(|e| format!("TLS with {addr} failed: {e}"))
 }
