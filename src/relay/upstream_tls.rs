@@ -87,10 +87,10 @@ impl TlsStream {
     }
 
     /// Feeds `incoming` to rustls until it needs more: plaintext goes to `out` as far as it
-    /// has room, the rest to `plaintext`; what rustls has to send goes to `outgoing`. Then,
-    /// if rustls takes application data, hands it to `traffic`. Returns how much of
-    /// `incoming` rustls is done with, and what `traffic` returned (`None` while the handshake
-    /// is unfinished, or once both sides have closed).
+    /// has room, the rest to `plaintext`; what rustls has to send goes to `outgoing`. rustls
+    /// lends its encryptor only as the state it ends in, so `traffic` runs in here. Returns
+    /// how much of `incoming` rustls is done with, and what `traffic` returned (`None` while
+    /// the handshake is unfinished, or once both sides have closed).
     fn process<R>(
         &mut self,
         incoming: &mut [u8],
@@ -143,8 +143,8 @@ impl TlsStream {
         }
     }
 
-    /// Reads what the socket has, after the ciphertext kept from before, and has rustls
-    /// process it, plaintext going to `out` first.
+    /// Reads what the socket has into the scratch buffer, behind the ciphertext kept from
+    /// before (rustls must see that again, unchanged), and has rustls process it.
     fn poll_receive(
         &mut self,
         cx: &mut Context<'_>,
@@ -201,11 +201,9 @@ impl TlsStream {
         });
         let (done, encrypted) = processed?;
         incoming.drain(..done);
-        self.incoming = if incoming.is_empty() {
-            Vec::new()
-        } else {
-            incoming
-        };
+        if !incoming.is_empty() {
+            self.incoming = incoming;
+        }
         encrypted.transpose()
     }
 
@@ -221,8 +219,9 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Writes `ciphertext` after anything waiting, as far as the socket takes it now; keeps
-    /// the rest in `outgoing`.
+    /// Writes `ciphertext` as far as the socket takes it now and keeps the rest; straight
+    /// from the scratch buffer only when nothing is waiting, so that nothing encoded earlier
+    /// (a KeyUpdate's answer, a record not fully sent) is overtaken.
     fn send_now(&mut self, cx: &mut Context<'_>, ciphertext: &[u8]) -> io::Result<()> {
         let mut sent = 0;
         while self.outgoing.is_empty() && sent < ciphertext.len() {
