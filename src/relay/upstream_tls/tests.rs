@@ -115,10 +115,9 @@ async fn data_goes_both_ways_over_tls12() {
 /// Several MiB each way at once, read in pieces that are not records (so records are split
 /// across socket reads, and plaintext is left over from reads into a small buffer); the
 /// close_notify each side sends at the end is the other's EOF.
-#[tokio::test]
-async fn a_large_transfer_is_byte_exact_and_leaves_no_buffer() {
+async fn large_transfer(tls12: bool) {
     const SIZE: usize = 6 * 1024 * 1024 + 123;
-    let (client, server) = connected(false).await;
+    let (client, server) = connected(tls12).await;
     let up: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
     let down: Vec<u8> = (0..SIZE).map(|i| (i % 241) as u8).collect();
 
@@ -154,6 +153,16 @@ async fn a_large_transfer_is_byte_exact_and_leaves_no_buffer() {
     assert!(got_down == down, "and the server's");
     let client = client_reads.unsplit(client_writes);
     assert_eq!(held(&client), 0);
+}
+
+#[tokio::test]
+async fn a_large_transfer_over_tls13_is_byte_exact_and_leaves_no_buffer() {
+    large_transfer(false).await;
+}
+
+#[tokio::test]
+async fn a_large_transfer_over_tls12_is_byte_exact_and_leaves_no_buffer() {
+    large_transfer(true).await;
 }
 
 #[tokio::test]
