@@ -1,4 +1,5 @@
-//! The binary's code pages, handed back a few seconds after each burst of work.
+//! The code pages of the binary and its shared libraries, handed back a few seconds after each
+//! burst of work.
 //!
 //! Measured on the idle daemon with one user (docs/BENCHMARKS.md, "Memory"): of its 12.6-14.2
 //! MiB VmRSS only 1.2-1.8 MiB is anonymous; the rest is mostly the binary's own read-only
@@ -8,7 +9,9 @@
 //! touches them until the next burst. Unmapping them with `MADV_DONTNEED` costs nothing to
 //! correctness: they are clean file pages, still in the page cache (and charged to a
 //! container's memory cgroup either way), and any the daemon touches again come back with a
-//! minor fault. What drops is the process's RSS, not the machine's memory use.
+//! minor fault. What drops is the process's RSS, not the machine's memory use. glibc's,
+//! libm's and the dynamic loader's pages are the same kind (~2 MiB resident at idle before
+//! they were released too, docs/BENCHMARKS.md).
 
 use std::future::Future;
 use std::io;
@@ -58,19 +61,19 @@ async fn release_after_work(started: impl Future<Output = ()>, mut work: watch::
     }
 }
 
-/// Unmaps the daemon binary's read-only, never-written segments: its code (`r-xp`) and the
-/// segment at file offset 0 (headers, constants, unwind tables). The RELRO segment is left
-/// alone: it is `r--p` too, but its pages hold relocations written at load time, which
-/// `MADV_DONTNEED` would throw away. Returns the bytes unmapped.
+/// Unmaps every private file mapping that is never written: the binary's code and constants,
+/// and those of the shared libraries (glibc's code alone is ~1.2 MiB resident once the
+/// runtime has run, for the few functions an idle daemon calls). A mapping qualifies only if
+/// it holds no anonymous page: RELRO segments are read-only now but hold the relocations the
+/// dynamic loader wrote, copied-on-write into anonymous pages, which `MADV_DONTNEED` would
+/// throw away. Returns the bytes unmapped.
 fn release() -> io::Result<usize> {
-    let exe = std::env::current_exe()?;
-    let exe = exe.to_string_lossy();
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = 0;
-    for (start, end) in maps.lines().filter_map(|line| clean_segment(line, &exe)) {
-        // SAFETY: the range is a whole mapping of the binary that is never written (code, or
-        // the read-only segment at offset 0), so dropping its pages loses nothing: the next
-        // access reads the same bytes back from the file.
+    for (start, end) in clean_file_mappings(&smaps) {
+        // SAFETY: the range is a whole private file mapping that cannot be written (no write
+        // permission) and holds no anonymous page, so every resident page is an unmodified
+        // copy of the file: the next access reads the same bytes back.
         let result =
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
         if result != 0 {
@@ -81,16 +84,41 @@ fn release() -> io::Result<usize> {
     Ok(released)
 }
 
-/// The address range of a `/proc/self/maps` line if it maps `exe` and is never written.
-fn clean_segment(line: &str, exe: &str) -> Option<(usize, usize)> {
-    let mut fields = line.split_whitespace();
-    let range = fields.next()?;
-    let perms = fields.next()?;
-    let offset = fields.next()?;
-    let path = fields.nth(2)?;
-    let never_written =
-        perms == "r-xp" || (perms == "r--p" && u64::from_str_radix(offset, 16) == Ok(0));
-    if path != exe || !never_written || fields.next().is_some() {
+/// The address ranges of `/proc/self/smaps` mappings that are private, read-only, backed by a
+/// file that still exists, resident in part, and hold no anonymous page.
+fn clean_file_mappings(smaps: &str) -> Vec<(usize, usize)> {
+    let mut clean = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    let mut resident = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if !first.ends_with(':') {
+            current = candidate(first, fields);
+            resident = false;
+            continue;
+        }
+        let kib = fields.next().and_then(|value| value.parse::<u64>().ok());
+        match (first, kib) {
+            ("Rss:", Some(kib)) => resident = kib > 0,
+            ("Anonymous:", Some(0)) if resident => clean.extend(current.take()),
+            ("Anonymous:", _) => current = None,
+            _ => {}
+        }
+    }
+    clean
+}
+
+/// The range of a smaps header line (`start-end perms offset dev inode path`) whose mapping
+/// could be clean: private, readable, not writable, of a file that is not deleted.
+fn candidate<'a>(range: &str, mut fields: impl Iterator<Item = &'a str>) -> Option<(usize, usize)> {
+    let perms = fields.next()?.as_bytes();
+    let path = fields.nth(3)?;
+    let deleted = fields.next().is_some();
+    if perms.len() != 4 || perms[0] != b'r' || perms[1] != b'-' || perms[3] != b'p' {
+        return None;
+    }
+    if !path.starts_with('/') || deleted {
         return None;
     }
     let (start, end) = range.split_once('-')?;
@@ -102,36 +130,58 @@ fn clean_segment(line: &str, exe: &str) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::clean_segment;
+    use super::clean_file_mappings;
 
-    const EXE: &str = "/usr/bin/aws-pgbouncer";
+    fn mapping(range: &str, perms: &str, path: &str, rss: u64, anonymous: u64) -> String {
+        format!(
+            "{range} {perms} 00028000 08:01 1234   {path}\nSize:  64 kB\nRss:  {rss} kB\n\
+             Pss:  {rss} kB\nAnonymous:  {anonymous} kB\nVmFlags: rd mr mw me\n"
+        )
+    }
 
     #[test]
-    fn takes_code_and_the_first_read_only_segment_only() {
-        let line = |perms: &str, offset: &str, path: &str| {
-            format!("55d0a0000000-55d0a0010000 {perms} {offset} 08:01 1234   {path}")
-        };
-        let range = Some((0x55d0a0000000, 0x55d0a0010000));
-        assert_eq!(clean_segment(&line("r-xp", "00345000", EXE), EXE), range);
-        assert_eq!(clean_segment(&line("r--p", "00000000", EXE), EXE), range);
-        // RELRO: read-only now, but written by the dynamic loader.
-        assert_eq!(clean_segment(&line("r--p", "00cf8000", EXE), EXE), None);
-        assert_eq!(clean_segment(&line("rw-p", "00d62000", EXE), EXE), None);
+    fn takes_the_read_only_file_mappings_that_hold_no_anonymous_page() {
+        let smaps = [
+            mapping("1000-2000", "r-xp", "/usr/bin/aws-pgbouncer", 8, 0),
+            mapping(
+                "2000-3000",
+                "r--p",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                4,
+                0,
+            ),
+            // RELRO: read-only now, but written by the dynamic loader.
+            mapping("3000-4000", "r--p", "/usr/bin/aws-pgbouncer", 8, 8),
+            mapping(
+                "4000-5000",
+                "rw-p",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                4,
+                0,
+            ),
+            mapping("5000-6000", "r--s", "/dev/shm/shared", 4, 0),
+            mapping("6000-7000", "r-xp", "[vdso]", 4, 0),
+            mapping(
+                "7000-8000",
+                "r-xp",
+                "/usr/bin/aws-pgbouncer (deleted)",
+                4,
+                0,
+            ),
+            mapping("8000-9000", "rw-p", "", 4, 4),
+            // Nothing resident: nothing to release.
+            mapping(
+                "9000-a000",
+                "r-xp",
+                "/usr/lib/x86_64-linux-gnu/libm.so.6",
+                0,
+                0,
+            ),
+        ]
+        .concat();
         assert_eq!(
-            clean_segment(&line("r-xp", "00028000", "/usr/lib/libc.so.6"), EXE),
-            None
-        );
-        assert_eq!(
-            clean_segment(&line("r-xp", "00345000", &format!("{EXE} (deleted)")), EXE),
-            None
-        );
-        assert_eq!(
-            clean_segment("7ffd1000-7ffd2000 r-xp 00000000 00:00 0   [vdso]", EXE),
-            None
-        );
-        assert_eq!(
-            clean_segment("7f0000000000-7f0000001000 rw-p 00000000 00:00 0", EXE),
-            None
+            clean_file_mappings(&smaps),
+            vec![(0x1000, 0x2000), (0x2000, 0x3000)]
         );
     }
 }
