@@ -41,7 +41,7 @@
           # Only what the package needs (Cargo.toml names the benchmark, so benches/ too).
           src = pkgs.lib.fileset.toSource {
             root = ./.;
-            fileset = pkgs.lib.fileset.unions [ ./Cargo.toml ./Cargo.lock ./src ./benches ];
+            fileset = pkgs.lib.fileset.unions [ ./Cargo.toml ./Cargo.lock ./build.rs ./src ./benches ];
           };
           cargoLock.lockFile = ./Cargo.lock;
           cargoBuildFlags = [ "--bin" "aws-pgbouncer" ];
