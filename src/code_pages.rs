@@ -139,44 +139,23 @@ mod tests {
         )
     }
 
+    const EXE: &str = "/usr/bin/aws-pgbouncer";
+    const LIBC: &str = "/usr/lib/libc.so.6";
+
     #[test]
     fn takes_the_read_only_file_mappings_that_hold_no_anonymous_page() {
         let smaps = [
-            mapping("1000-2000", "r-xp", "/usr/bin/aws-pgbouncer", 8, 0),
-            mapping(
-                "2000-3000",
-                "r--p",
-                "/usr/lib/x86_64-linux-gnu/libc.so.6",
-                4,
-                0,
-            ),
+            mapping("1000-2000", "r-xp", EXE, 8, 0),
+            mapping("2000-3000", "r--p", LIBC, 4, 0),
             // RELRO: read-only now, but written by the dynamic loader.
-            mapping("3000-4000", "r--p", "/usr/bin/aws-pgbouncer", 8, 8),
-            mapping(
-                "4000-5000",
-                "rw-p",
-                "/usr/lib/x86_64-linux-gnu/libc.so.6",
-                4,
-                0,
-            ),
+            mapping("3000-4000", "r--p", EXE, 8, 8),
+            mapping("4000-5000", "rw-p", LIBC, 4, 0),
             mapping("5000-6000", "r--s", "/dev/shm/shared", 4, 0),
             mapping("6000-7000", "r-xp", "[vdso]", 4, 0),
-            mapping(
-                "7000-8000",
-                "r-xp",
-                "/usr/bin/aws-pgbouncer (deleted)",
-                4,
-                0,
-            ),
+            mapping("7000-8000", "r-xp", &format!("{EXE} (deleted)"), 4, 0),
             mapping("8000-9000", "rw-p", "", 4, 4),
             // Nothing resident: nothing to release.
-            mapping(
-                "9000-a000",
-                "r-xp",
-                "/usr/lib/x86_64-linux-gnu/libm.so.6",
-                0,
-                0,
-            ),
+            mapping("9000-a000", "r-xp", LIBC, 0, 0),
         ]
         .concat();
         assert_eq!(
