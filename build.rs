@@ -2,10 +2,11 @@
 //!
 //! Once the daemon serves, the kernel maps its code back 64 KiB at a time around each page it
 //! touches (fault-around), so what stays resident is every 64-KiB window that holds one hot
-//! function: with the linker's default layout the code a passthrough daemon runs at 1,000
-//! users (2.7 MiB of pages) kept 5.2-5.7 MiB of the 9.2-MiB text resident. Listing those
-//! functions first packs them into as few windows as possible (docs/BENCHMARKS.md, "Hot code
-//! first"; `scripts/bench/hot-code-order.sh` measures and rewrites the list).
+//! function: with the linker's default layout, which follows symbol hashes, the code a
+//! passthrough daemon runs at 1,000 users (2.7 MiB of pages) kept 5.2-7.4 MiB of the 9.2-MiB
+//! text resident. Listing those functions first packs them into as few windows as possible
+//! (docs/BENCHMARKS.md, "Passthrough at 1,000 users under 20 MiB";
+//! `scripts/bench/hot-code-order.sh` measures and rewrites the list).
 //!
 //! The list is a hint: a function it names that the build does not have (a dependency or the
 //! compiler changed) is skipped, and the layout is only less tight. LLD reads it; the build

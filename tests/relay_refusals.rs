@@ -6,6 +6,8 @@ mod support;
 
 use aws_pgbouncer::endpoint::{self, Listen};
 use aws_pgbouncer::metrics::Metrics;
+use aws_pgbouncer::relay::RelayConfig;
+use aws_pgbouncer::token::TokenSource;
 use std::sync::Arc;
 use std::time::Duration;
 use support::relay::{
@@ -14,6 +16,17 @@ use support::relay::{
 use support::{Standin, psql, test_dir};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
+
+/// Why app_user's login through a relay started with `config` fails (it must fail).
+async fn refusal(config: RelayConfig, source: &Arc<TokenSource>) -> String {
+    let relay = Relay::tcp(config, Arc::clone(source)).await;
+    let error = relay
+        .connect("app_user", Some(SECRET), TARGET)
+        .await
+        .unwrap_err();
+    relay.stop().await;
+    explain(&error)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_say_why() {
@@ -89,21 +102,11 @@ async fn refusals_say_why() {
     // An upstream whose certificate another CA signed.
     let other = test_dir("relay-other-ca");
     let (_, other_ca) = endpoint::self_signed_tls(other.path()).unwrap();
-    let relay = Relay::tcp(
-        config(&other_ca, vec![(TARGET, good.clone())]),
-        Arc::clone(&source),
-    )
-    .await;
-    let error = relay
-        .connect("app_user", Some(SECRET), TARGET)
-        .await
-        .unwrap_err();
-    let text = explain(&error);
+    let text = refusal(config(&other_ca, vec![(TARGET, good.clone())]), &source).await;
     assert!(
         text.starts_with("08001 TLS with localhost:") && text.contains("invalid peer certificate"),
         "{text}"
     );
-    relay.stop().await;
 
     // An upstream reached under a name its certificate does not carry (127.0.0.2, forwarded
     // to the stand-in on 127.0.0.1).
@@ -120,24 +123,16 @@ async fn refusals_say_why() {
             });
         }
     });
-    let relay = Relay::tcp(
-        config(
-            &standin.ca_path(),
-            vec![(TARGET, upstream(&standin, "127.0.0.2", forwarded_port))],
-        ),
-        Arc::clone(&source),
+    let wrong_name = upstream(&standin, "127.0.0.2", forwarded_port);
+    let text = refusal(
+        config(&standin.ca_path(), vec![(TARGET, wrong_name)]),
+        &source,
     )
     .await;
-    let error = relay
-        .connect("app_user", Some(SECRET), TARGET)
-        .await
-        .unwrap_err();
-    let text = explain(&error);
     assert!(
         text.contains("invalid peer certificate") && text.contains("127.0.0.2"),
         "{text}"
     );
-    relay.stop().await;
 
     // On a unix socket, PgBouncer's uid logs in without a password; any other uid must
     // know the secret.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rewrites src/hot-code.order, the functions build.rs has LLD lay out first, from what the
-# daemon executes under load (docs/BENCHMARKS.md, "Hot code first"):
+# daemon executes under load (docs/BENCHMARKS.md, "Passthrough at 1,000 users under 20 MiB"):
 #   1. builds the release binary as `cargo build --release` does, with LLD's link map;
 #   2. runs scale.sh with passthrough (1,000 users), config (50 entries) and auth-query (100
 #      users) at once on a copy of it, with the disk's read-ahead off, and records the code
