@@ -44,6 +44,18 @@ as_root() { "${SUDO[@]}" "$@"; }
 log() { printf '[provision] %s\n' "$*" >&2; }
 started=$(date +%s)
 
+# One provisioning at a time: two at once (the test suite and a benchmark script started
+# together, say) would collide on apt's lock and install the same files over each other. The
+# lock file sits beside the test bed, in a directory only root writes by default, and only its
+# owner may open it: flock(2) needs no write access, so a readable file could be held by anyone.
+LOCK="$TESTBED.lock"
+[ -O "$LOCK" ] || as_root install -m 0600 -o "$(id -u)" /dev/null "$LOCK"
+exec 9<"$LOCK"
+if ! flock -n 9; then
+    log "waiting for the provisioning that holds $LOCK"
+    flock 9
+fi
+
 # ---------------------------------------------------------------- apt packages
 APT_PACKAGES=(
     postgresql postgresql-client postgresql-contrib
