@@ -242,6 +242,51 @@ async fn a_certificate_for_another_name_is_refused() {
     assert!(error.contains("invalid peer certificate"), "{error}");
 }
 
+/// A long certificate chain makes the server's Certificate message longer than a TLS record
+/// (16 KiB) and than one socket read: rustls needs every record of it kept, unchanged, until
+/// the message is whole. Here one certificate with a thousand names stands in for the chain.
+#[tokio::test]
+async fn a_certificate_longer_than_a_record_is_gathered_across_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut names: Vec<String> = (0..1000)
+        .map(|i| format!("replica-{i:04}.cluster.example.internal"))
+        .collect();
+    names.push("localhost".to_owned());
+    let certificate = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    // Three records, and more than two reads of READ_BYTES.
+    assert!(certificate.der().len() > 2 * READ_BYTES);
+    let trusted = dir.path().join("self-signed.pem");
+    std::fs::write(&trusted, certificate.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![certificate.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+    let client = crate::relay::upstream_tls(&trusted).unwrap();
+
+    let (client, server) = connect(Arc::new(server), client, "localhost").await;
+    let (mut client, mut server) = (client.unwrap(), server.unwrap());
+    client.write_all(b"SELECT 1").await.unwrap();
+    client.flush().await.unwrap();
+    let mut query = [0; 8];
+    server.read_exact(&mut query).await.unwrap();
+    assert_eq!(&query, b"SELECT 1");
+    assert_eq!(
+        held(&client),
+        0,
+        "the handshake's records are let go once used"
+    );
+}
+
 #[tokio::test]
 async fn an_alert_from_the_server_is_an_error_that_names_it() {
     // A fatal handshake_failure alert, as a server with nothing in common sends.
