@@ -4,7 +4,7 @@
 use super::Standin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_postgres::{NoTls, SimpleQueryMessage};
 
 /// A client of PgBouncer on 127.0.0.1:`port`, without a password (loopback trust).
@@ -58,6 +58,37 @@ pub fn kill_idle_backends(standin: &Standin, user: &str) -> usize {
         ))
         .parse()
         .expect("a count")
+}
+
+/// One query as a new client, after killing the idle server connections so that PgBouncer
+/// must log in to the stand-in with whatever token it holds now.
+pub async fn fresh_login_query(standin: &Standin, listen_port: u16) -> Result<(), String> {
+    kill_idle_backends(standin, "app_user");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = connect(listen_port, "app_user", "appdb").await?;
+    scalar(&client, "SELECT 1").await.map(drop)
+}
+
+/// Applications log in through PgBouncer at `listen_port` every 200 ms for `duration`,
+/// `app_user` and `reporter` in turns, each checking who it is; `before` runs before each
+/// login with its user. Each login runs PgBouncer's auth_query.
+pub async fn log_in_in_turns(listen_port: u16, duration: Duration, before: impl Fn(&str)) -> Tally {
+    let tally = Tally::default();
+    let started = Instant::now();
+    for user in ["reporter", "app_user"].into_iter().cycle() {
+        if started.elapsed() >= duration {
+            break;
+        }
+        before(user);
+        let outcome = async {
+            let client = connect(listen_port, user, "appdb").await?;
+            let current = scalar(&client, "SELECT current_user").await?;
+            (current == user).then_some(()).ok_or(current)
+        };
+        tally.record(outcome.await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tally
 }
 
 /// Makes a test's traffic and its server-connection kills take turns.

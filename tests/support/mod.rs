@@ -5,7 +5,9 @@
 //! One module per job: `testbed`, `child` (process guards), `tokens`, `psql`, `standin`,
 //! `pgbouncer` and `moto`, re-exported here, next to the daemon and client helpers; the
 //! helpers of a few test files alike, `relay` (an in-process relay), `auth_endpoint` (the
-//! auth-query endpoint with a stub lookup) and `packaging`, are used by their module path.
+//! auth-query endpoint with a stub lookup), `http_server` (the probe and metrics server on
+//! its own), `faults` (the fault tests' daemon) and `packaging`, are used by their module
+//! path.
 //!
 //! Each test file does `mod support;`. Nothing here skips: a missing test bed panics with
 //! the command that provisions it.
@@ -21,7 +23,9 @@ pub mod child;
 pub mod client;
 pub mod credentials_server;
 pub mod daemon;
+pub mod faults;
 pub mod flood;
+pub mod http_server;
 pub mod in_process;
 pub mod moto;
 pub mod packaging;
@@ -53,7 +57,7 @@ pub use pgbouncer::{PgBouncer, ini_settings};
 #[allow(unused_imports)]
 pub use psql::{psql, tls_conninfo};
 #[allow(unused_imports)]
-pub use standin::{Standin, pgbouncer_quote, sql_literal};
+pub use standin::{Standin, expect_rejected, pgbouncer_quote, sql_literal};
 #[allow(unused_imports)]
 pub use testbed::{RunAs, Testbed, chown_to_runner, is_root, test_dir, write_file};
 #[allow(unused_imports)]

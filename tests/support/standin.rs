@@ -311,3 +311,35 @@ pub fn sql_literal(s: &str) -> String {
 pub fn pgbouncer_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
+
+const PAM_FAILED: &str = "PAM authentication failed for user";
+
+/// Logs in with `token` as `user`, expects RDS's PAM refusal, and returns the verifier's
+/// decision for that login.
+pub fn expect_rejected(s: &Standin, user: &str, token: &str) -> serde_json::Value {
+    let before = s.verifier_log().len();
+    let err = s
+        .login(user, token, "postgres", "SELECT 1")
+        .expect_err("login must fail");
+    assert!(
+        err.contains(&format!("{PAM_FAILED} \"{user}\"")),
+        "want PAM failure, got: {err}"
+    );
+    let log = s.verifier_log();
+    assert_eq!(
+        log.len(),
+        before + 1,
+        "one verifier decision per login: {log:?}"
+    );
+    let d = log.last().unwrap().clone();
+    assert_eq!(d["accepted"], false, "{d}");
+    assert_eq!(d["user"], user, "{d}");
+    // The log never holds the secret parts of a token.
+    let line = d.to_string();
+    let sig = token.rsplit("X-Amz-Signature=").next().unwrap();
+    assert!(
+        !line.contains(sig),
+        "signature leaked into the verifier log: {line}"
+    );
+    d
+}
