@@ -40,7 +40,9 @@ SUDO=()
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=(sudo)
 fi
-as_root() { "${SUDO[@]}" "$@"; }
+# Without the lock's descriptor (fd 9, below): a package's install script may start a service
+# (PostgreSQL's cluster, where no policy-rc.d forbids it), which would hold the lock for good.
+as_root() { "${SUDO[@]}" "$@" 9<&-; }
 log() { printf '[provision] %s\n' "$*" >&2; }
 started=$(date +%s)
 
