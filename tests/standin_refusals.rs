@@ -40,64 +40,35 @@ fn rejects_tampered_token() {
 fn rejects_expired_token() {
     let s = Standin::start();
     let creds = s.static_creds();
+    let signed = |at_epoch, expires_in| {
+        mint_token(
+            s.host(),
+            s.port(),
+            "app_user",
+            REGION,
+            &creds,
+            at_epoch,
+            expires_in,
+        )
+    };
     // Signed 16 minutes ago with the 900 s that botocore always uses.
-    let token = mint_token(
-        s.host(),
-        s.port(),
-        "app_user",
-        REGION,
-        &creds,
-        Some(now_epoch() - 960),
-        None,
-    );
+    let token = signed(Some(now_epoch() - 960), None);
     let d = expect_rejected(&s, "app_user", &token);
     assert_eq!(d["reason"], "expired", "{d}");
     // Signed 2 minutes ago but valid for 60 s only.
-    let token = mint_token(
-        s.host(),
-        s.port(),
-        "app_user",
-        REGION,
-        &creds,
-        Some(now_epoch() - 120),
-        Some(60),
-    );
+    let token = signed(Some(now_epoch() - 120), Some(60));
     let d = expect_rejected(&s, "app_user", &token);
     assert_eq!(d["reason"], "expired", "{d}");
     // RDS caps X-Amz-Expires at 900 s.
-    let token = mint_token(
-        s.host(),
-        s.port(),
-        "app_user",
-        REGION,
-        &creds,
-        None,
-        Some(3600),
-    );
+    let token = signed(None, Some(3600));
     let d = expect_rejected(&s, "app_user", &token);
     assert_eq!(d["reason"], "bad_expires", "{d}");
     // Not yet valid: dated an hour ahead.
-    let token = mint_token(
-        s.host(),
-        s.port(),
-        "app_user",
-        REGION,
-        &creds,
-        Some(now_epoch() + 3600),
-        None,
-    );
+    let token = signed(Some(now_epoch() + 3600), None);
     let d = expect_rejected(&s, "app_user", &token);
     assert_eq!(d["reason"], "future_date", "{d}");
     // Still fine 10 minutes after signing.
-    let token = mint_token(
-        s.host(),
-        s.port(),
-        "app_user",
-        REGION,
-        &creds,
-        Some(now_epoch() - 600),
-        None,
-    );
+    let token = signed(Some(now_epoch() - 600), None);
     s.login("app_user", &token, "postgres", "SELECT 1")
         .expect("a token signed 10 minutes ago is still valid");
 }
