@@ -201,8 +201,8 @@ pub struct RunArgs {
     /// Where PgBouncer serves applications [default: 127.0.0.1:6432].
     #[arg(long, env = "AWS_PGBOUNCER_LISTEN")]
     pub listen: Option<String>,
-    /// Auth-query and passthrough modes: where the auth endpoint listens, `unix[:PORT]` for a
-    /// socket in --pgbouncer-dir or ADDR:PORT (TLS) [default: unix:6433].
+    /// Auth-query mode: where the auth endpoint listens, `unix[:PORT]` for a socket in
+    /// --pgbouncer-dir or ADDR:PORT (TLS) [default: unix:6433].
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN")]
     pub auth_listen: Option<String>,
     /// Passthrough mode: where the relay listens, `unix[:PORT]` for a socket in
@@ -227,8 +227,7 @@ pub struct RunArgs {
         value_name = "BOOL"
     )]
     pub relay_follow_pgbouncer_cpu: Option<bool>,
-    /// Auth-query and passthrough modes: allow --auth-listen on an address other than
-    /// loopback.
+    /// Auth-query mode: allow --auth-listen on an address other than loopback.
     #[arg(long, env = "AWS_PGBOUNCER_AUTH_LISTEN_NON_LOOPBACK")]
     pub auth_listen_non_loopback: bool,
     /// PgBouncer's TLS mode towards the database [default: verify-full].

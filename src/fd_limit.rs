@@ -1,11 +1,11 @@
 //! File descriptors: the soft `RLIMIT_NOFILE` and what the listeners may hold within it.
 //!
-//! The common soft limit is 1024, while the listeners' limits often add up to more (the
-//! relay's follows PgBouncer's server pool sizes: 1,000 users with pools of 20 want 25,000
-//! connections, two descriptors each and as many refusals in flight). At the
-//! limit accepts fail with "Too many open files" and every listener stalls together. So the
-//! daemon raises the soft limit to the hard limit at start (PgBouncer, when supervised,
-//! inherits it), and when even that is too small it shrinks the listeners' limits to fit and
+//! The common soft limit is 1024, while a mode's listener (the auth endpoint or the relay)
+//! often wants more (the relay's limit follows PgBouncer's server pool sizes: 1,000 users with
+//! pools of 20 want 25,000 connections, two descriptors each and as many refusals in
+//! flight). At the limit accepts fail with "Too many open files" and the listener stalls. So
+//! the daemon raises the soft limit to the hard limit at start (PgBouncer, when supervised,
+//! inherits it), and when even that is too small it shrinks the listener's limit to fit and
 //! says so once.
 
 use crate::{endpoint, relay};
@@ -53,65 +53,76 @@ pub fn raise_soft_to_hard() -> io::Result<u64> {
     Ok(nofile()?.0)
 }
 
-/// The auth endpoint's and the relay's limits: the endpoint's default and `relay_max`
-/// connections for the relay (when one runs), fitted to the soft limit now in force, with a
-/// warning logged when they had to shrink.
-pub fn fitted_limits(relay_max: Option<usize>) -> (endpoint::Limits, relay::Limits) {
-    let mut endpoint_limits = endpoint::Limits::default();
-    let defaults = relay::Limits::default();
-    let mut relay_limits = relay::Limits {
-        max_connections: relay_max.unwrap_or(defaults.max_connections),
-        ..defaults
-    };
+/// The auth endpoint's limits (auth-query mode), fitted to the soft limit now in force.
+pub fn fitted_endpoint_limits() -> endpoint::Limits {
+    let mut limits = endpoint::Limits::default();
+    limits.max_connections = fitted(&ENDPOINT, limits.max_connections);
+    limits
+}
+
+/// The relay's limits (passthrough mode) for `max_connections`, fitted to the soft limit now
+/// in force.
+pub fn fitted_relay_limits(max_connections: usize) -> relay::Limits {
+    relay::Limits {
+        max_connections: fitted(&RELAY, max_connections),
+        ..relay::Limits::default()
+    }
+}
+
+/// What one listener's connections cost in descriptors, and the least it is shrunk to.
+struct Listener {
+    name: &'static str,
+    per_connection: u64,
+    floor: usize,
+}
+
+const ENDPOINT: Listener = Listener {
+    name: "the auth endpoint",
+    per_connection: PER_ENDPOINT_CONNECTION,
+    floor: MIN_ENDPOINT,
+};
+const RELAY: Listener = Listener {
+    name: "the relay",
+    per_connection: PER_RELAY_CONNECTION,
+    floor: MIN_RELAY,
+};
+
+/// `wanted` fitted to the soft limit now in force, with a warning logged when it had to
+/// shrink.
+fn fitted(listener: &Listener, wanted: usize) -> usize {
     let soft = match nofile() {
         Ok((soft, _)) => soft,
         Err(error) => {
-            tracing::warn!(%error, "cannot read RLIMIT_NOFILE; keeping the listeners' limits as they are");
-            return (endpoint_limits, relay_limits);
+            tracing::warn!(%error, "cannot read RLIMIT_NOFILE; keeping the listener's limit as it is");
+            return wanted;
         }
     };
-    let (endpoint_max, relay_max, warning) = fit(soft, endpoint_limits.max_connections, relay_max);
-    endpoint_limits.max_connections = endpoint_max;
-    if let Some(relay_max) = relay_max {
-        relay_limits.max_connections = relay_max;
-    }
+    let (fitted, warning) = fit(soft, listener, wanted);
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }
-    (endpoint_limits, relay_limits)
+    fitted
 }
 
-/// The connection limits of the auth endpoint and (in passthrough mode) the relay, shrunk in
-/// proportion when `wanted` does not fit `soft` descriptors. The warning, if any, is the
-/// caller's to log: it names the figures and what to raise.
-pub fn fit(
-    soft: u64,
-    endpoint: usize,
-    relay: Option<usize>,
-) -> (usize, Option<usize>, Option<String>) {
-    let need = endpoint as u64 * PER_ENDPOINT_CONNECTION
-        + relay.map_or(0, |r| r as u64 * PER_RELAY_CONNECTION);
+/// The listener's connection limit, shrunk when `wanted` connections do not fit `soft`
+/// descriptors. The warning, if any, is the caller's to log: it names the figures and what
+/// to raise.
+fn fit(soft: u64, listener: &Listener, wanted: usize) -> (usize, Option<String>) {
+    let need = wanted as u64 * listener.per_connection;
     let available = soft.saturating_sub(RESERVED);
     if need <= available {
-        return (endpoint, relay, None);
+        return (wanted, None);
     }
-    let scale = |wanted: usize, floor: usize| {
-        let scaled = (wanted as u128 * available as u128 / need as u128) as usize;
-        scaled.max(floor).min(wanted)
-    };
-    let fitted_endpoint = scale(endpoint, MIN_ENDPOINT);
-    let fitted_relay = relay.map(|r| scale(r, MIN_RELAY));
-    let relay_text = match (relay, fitted_relay) {
-        (Some(wanted), Some(fitted)) => format!(" and the relay {fitted} (instead of {wanted})"),
-        _ => String::new(),
-    };
+    let scaled = (available / listener.per_connection) as usize;
+    let fitted = scaled.max(listener.floor).min(wanted);
     let warning = format!(
-        "only {soft} file descriptors (RLIMIT_NOFILE, hard limit included): the auth endpoint \
-         takes at most {fitted_endpoint} connections (instead of {endpoint}){relay_text}; raise \
-         the hard limit (ulimit -Hn, the container's nofile ulimit) to {} or more",
+        "only {soft} file descriptors (RLIMIT_NOFILE, hard limit included): {} takes at most \
+         {fitted} connections (instead of {wanted}); raise the hard limit (ulimit -Hn, the \
+         container's nofile ulimit) to {} or more",
+        listener.name,
         need + RESERVED
     );
-    (fitted_endpoint, fitted_relay, Some(warning))
+    (fitted, Some(warning))
 }
 
 #[cfg(test)]
@@ -119,33 +130,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_that_fit_are_kept() {
-        assert_eq!(fit(1 << 20, 64, Some(512)), (64, Some(512), None));
-        assert_eq!(fit(1024, 64, None), (64, None, None));
+    fn limits_that_fit_are_kept() {
+        assert_eq!(fit(1 << 20, &RELAY, 512), (512, None));
+        assert_eq!(fit(1024, &ENDPOINT, 64), (64, None));
     }
 
     #[test]
-    fn at_1024_the_relay_and_endpoint_shrink_together_and_it_is_said() {
-        let (endpoint, relay, warning) = fit(1024, 64, Some(512));
-        let relay = relay.unwrap();
-        assert!(
-            endpoint as u64 * PER_ENDPOINT_CONNECTION + relay as u64 * PER_RELAY_CONNECTION
-                <= 1024 - RESERVED
-        );
-        assert!(endpoint < 64 && relay < 512 && endpoint >= 24 && relay >= 200);
+    fn at_1024_the_relay_shrinks_to_fit_and_it_is_said() {
+        let (relay, warning) = fit(1024, &RELAY, 512);
+        assert!(relay as u64 * PER_RELAY_CONNECTION <= 1024 - RESERVED);
+        assert_eq!(relay, 256);
         let warning = warning.unwrap();
         assert!(
             warning.contains("only 1024 file descriptors")
-                && warning.contains(&format!("relay {relay} (instead of 512)"))
-                && warning.contains("to 1920 or more"),
+                && warning.contains("the relay takes at most 256 connections (instead of 512)")
+                && warning.contains("to 1792 or more"),
             "{warning}"
         );
     }
 
     #[test]
     fn absurdly_low_limits_keep_a_floor() {
-        let (endpoint, relay, warning) = fit(100, 64, Some(512));
-        assert_eq!((endpoint, relay), (MIN_ENDPOINT, Some(MIN_RELAY)));
-        assert!(warning.is_some());
+        assert_eq!(fit(100, &RELAY, 512).0, MIN_RELAY);
+        assert_eq!(fit(100, &ENDPOINT, 64).0, MIN_ENDPOINT);
+        assert!(fit(100, &ENDPOINT, 64).1.is_some());
     }
 }

@@ -163,6 +163,28 @@ fn passthrough_needs_a_ca_file() {
     );
 }
 
+/// In passthrough mode PgBouncer logs in to the relay as the client's own user with the
+/// relay's secret, so a `[[clients]]` entry could never log in: refused, with the reason.
+#[test]
+fn clients_in_passthrough_mode_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "mode = \"passthrough\"\n{ONE_DATABASE}\n[[clients]]\nuser = \"app\"\npassword = \"pw\"\n"
+    );
+    let ca = dir.path().join("rds-ca.pem");
+    std::fs::write(&ca, "not read before the refusal\n").unwrap();
+    let output = run_in(
+        dir.path(),
+        &config,
+        &["--server-ca-file", ca.to_str().unwrap()],
+    );
+    assert_refused(
+        &output,
+        1,
+        "[[clients]] is for config and auth-query modes: in passthrough mode PgBouncer logs in",
+    );
+}
+
 #[test]
 fn an_unwritable_directory_is_refused_before_anything_is_minted() {
     let dir = tempfile::tempdir().unwrap();

@@ -316,7 +316,7 @@ fn settings_the_mode_does_not_read_are_named_in_a_warning() {
     assert_eq!(log.matches(warning).count(), 1, "log:\n{log}");
     let line = log.lines().find(|line| line.contains(warning)).unwrap();
     assert!(
-        line.contains("auth_listen (read in auth-query and passthrough mode)")
+        line.contains("auth_listen (read in auth-query mode)")
             && line.contains("relay_login_rate (read in passthrough mode)")
             && line.contains("mode=\"config\""),
         "{line}"

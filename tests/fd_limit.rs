@@ -14,7 +14,6 @@ use support::{Standin, free_port, test_dir};
 const SETTINGS: &str = r#"
 mode = "passthrough"
 relay_listen = "unix"
-auth_listen = "unix"
 
 [[databases]]
 name = "appdb"
@@ -88,8 +87,8 @@ async fn the_soft_limit_is_raised_and_the_listeners_fit_the_hard_one() {
     assert_eq!(daemon.count_in_log(WARNING), 0, "{}", daemon.log());
     drop(daemon);
 
-    // A hard limit of 700: the endpoint's default and the relay's 508 need about 1,900; they
-    // shrink, the warning says so once, and logins go on. (Lowering the hard limit cannot be
+    // A hard limit of 700: the relay's 508 need about 1,800; it shrinks, the warning says
+    // so once, and logins go on. (Lowering the hard limit cannot be
     // undone here: it comes last.)
     set_nofile(700, 700);
     let work = test_dir("fd-fitted");
@@ -100,8 +99,9 @@ async fn the_soft_limit_is_raised_and_the_listeners_fit_the_hard_one() {
     assert_eq!(daemon.count_in_log(WARNING), 1, "{}", daemon.log());
     assert!(
         daemon.log().contains(
-            "only 700 file descriptors (RLIMIT_NOFILE, hard limit included): the auth endpoint \
-             takes at most 17 connections (instead of 64) and the relay 136 (instead of 508)"
+            "only 700 file descriptors (RLIMIT_NOFILE, hard limit included): the relay takes \
+             at most 148 connections (instead of 508); raise the hard limit (ulimit -Hn, the \
+             container's nofile ulimit) to 1780 or more"
         ),
         "{}",
         daemon.log()

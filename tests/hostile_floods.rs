@@ -199,7 +199,7 @@ async fn a_tcp_flood_on_the_auth_endpoint_slows_pgbouncer_down_but_does_not_stop
 async fn a_tcp_flood_on_the_relay_slows_pgbouncer_down_but_does_not_stop_it() {
     let relay_port = free_port();
     let settings = two_users(&format!(
-        "mode = \"passthrough\"\nrelay_listen = \"127.0.0.1:{relay_port}\"\nauth_listen = \"unix\""
+        "mode = \"passthrough\"\nrelay_listen = \"127.0.0.1:{relay_port}\""
     ));
     let run = logins_under_a_tcp_flood(&settings, relay_port, 1100, true).await;
     // Each round waits for the stand-in to end the idle server connections: fewer rounds.

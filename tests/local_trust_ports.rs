@@ -206,27 +206,52 @@ fn a_weaker_server_tls_in_your_own_pgbouncer_ini_is_reported() {
     daemon.wait_until_started();
 }
 
-/// Passthrough mode on loopback TCP, PgBouncer in its own process (two containers): while the
+/// Auth-query mode on loopback TCP, PgBouncer in its own process (two containers): while the
 /// daemon is down, whatever binds the endpoint's port must not get PgBouncer's auth secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_squatter_on_the_endpoint_port_gets_no_secret_from_pgbouncer() {
+    let auth_port = free_port();
+    let listen = format!("127.0.0.1:{auth_port}");
+    squatted_while_the_daemon_is_down(
+        "squat-endpoint",
+        &["--mode", "auth-query", "--auth-listen", &listen],
+        auth_port,
+        "auth-secret",
+    )
+    .await;
+}
+
+/// Passthrough mode on loopback TCP, PgBouncer in its own process: while the daemon is down,
+/// whatever binds the relay's port must not get the relay's secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_squatter_on_the_relay_port_gets_no_secret_from_pgbouncer() {
+    let relay_port = free_port();
+    let listen = format!("127.0.0.1:{relay_port}");
+    squatted_while_the_daemon_is_down(
+        "squat-relay",
+        &["--mode", "passthrough", "--relay-listen", &listen],
+        relay_port,
+        "relay-secret",
+    )
+    .await;
+}
+
+/// Runs the daemon with `mode_args` and PgBouncer apart, logs in through the daemon's TCP
+/// listener on `port` (verified against the daemon's own CA), stops the daemon, lets another
+/// uid bind `port`, and checks that PgBouncer, asked for new logins, gives it neither the
+/// secret in `secret_file` nor any password.
+async fn squatted_while_the_daemon_is_down(
+    name: &str,
+    mode_args: &[&str],
+    port: u16,
+    secret_file: &str,
+) {
     let standin = Standin::start();
-    let work = test_dir("squat-endpoint");
-    let (listen_port, auth_port, relay_port) = (free_port(), free_port(), free_port());
+    let work = test_dir(name);
+    let listen_port = free_port();
     let mut args = database_flags(&standin, listen_port, 900);
-    args.extend(
-        [
-            "--mode",
-            "passthrough",
-            "--auth-listen",
-            &format!("127.0.0.1:{auth_port}"),
-            "--relay-listen",
-            &format!("127.0.0.1:{relay_port}"),
-            "--allow-users",
-            "reporter",
-        ]
-        .map(str::to_owned),
-    );
+    args.extend(mode_args.iter().map(|arg| arg.to_string()));
+    args.extend(["--allow-users", "reporter"].map(str::to_owned));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut daemon = Daemon::start(work.path(), &standin.static_creds(), &args);
     daemon.wait_for_log("wrote PgBouncer's files", Duration::from_secs(30));
@@ -236,7 +261,6 @@ async fn a_squatter_on_the_endpoint_port_gets_no_secret_from_pgbouncer() {
     support::log_output_to(&mut cmd, &work.path().join("pgbouncer.log"));
     let _pgbouncer = support::ChildGuard::spawn_as_runner(cmd, "pgbouncer");
     daemon.wait_until_started();
-    // Through the endpoint and the relay on TCP, each verified against the daemon's own CA.
     let client = support::client::connect(listen_port, "app_user", "appdb")
         .await
         .unwrap();
@@ -247,47 +271,38 @@ async fn a_squatter_on_the_endpoint_port_gets_no_secret_from_pgbouncer() {
     daemon
         .wait_exit(Duration::from_secs(40))
         .expect("the daemon stops");
-    let squatters =
-        [auth_port, relay_port].map(|port| start_squatter(work.path(), port, "cleartext"));
-    // Each login makes PgBouncer run its auth_query, at the endpoint's port (once
-    // server_login_retry has passed since the daemon's connections ended). The relay's port
-    // is held too, in case PgBouncer goes there.
-    let logins = ["reporter", "app_user"]
-        .map(|user| tokio::spawn(support::client::connect(listen_port, user, "appdb")));
-    let endpoint_log = &squatters[0].1;
+    let (_squatter, log) = start_squatter(work.path(), port, "cleartext");
+    // New logins make PgBouncer come to the port: for auth_query, or for a server connection
+    // (once server_login_retry has passed since the daemon's connections ended).
+    let logins = ["reporter", "app_user"].map(|user| {
+        tokio::spawn(async move {
+            let client = support::client::connect(listen_port, user, "appdb").await?;
+            support::client::scalar(&client, "SELECT 1").await
+        })
+    });
     let contacted = support::wait_until(Duration::from_secs(40), || {
-        fs::read_to_string(endpoint_log).is_ok_and(|text| text.lines().count() > 1)
+        fs::read_to_string(&log).is_ok_and(|text| text.lines().count() > 1)
     });
     let pgbouncer_log = fs::read_to_string(work.path().join("pgbouncer.log")).unwrap();
     assert!(
         contacted,
-        "PgBouncer never came to the endpoint's port:\n{pgbouncer_log}"
+        "PgBouncer never came to port {port}:\n{pgbouncer_log}"
     );
-    let secrets = ["auth-secret", "relay-secret"].map(|name| {
-        let secret = fs::read_to_string(daemon.pgbouncer_dir.join(name)).unwrap();
-        secret
-            .trim()
-            .bytes()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+    let secret = fs::read_to_string(daemon.pgbouncer_dir.join(secret_file)).unwrap();
+    let secret: String = secret.trim().bytes().map(|b| format!("{b:02x}")).collect();
+    // Whatever PgBouncer sent has been printed once the connection is over.
+    support::wait_until(Duration::from_secs(10), || {
+        fs::read_to_string(&log).is_ok_and(|text| !text.ends_with("asked\n"))
     });
-    for (_, log) in &squatters {
-        // Whatever PgBouncer sent has been printed once the connection is over.
-        support::wait_until(Duration::from_secs(10), || {
-            fs::read_to_string(log).is_ok_and(|text| !text.ends_with("asked\n"))
-        });
-        let text = fs::read_to_string(log).unwrap();
-        for secret in &secrets {
-            assert!(
-                !text.contains(secret),
-                "a secret went to the squatter: {text}"
-            );
-        }
-        assert!(
-            !text.contains("asked"),
-            "PgBouncer logged in to the squatter: {text}"
-        );
-    }
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains(&secret),
+        "the secret went to the squatter: {text}"
+    );
+    assert!(
+        !text.contains("asked"),
+        "PgBouncer logged in to the squatter: {text}"
+    );
     for login in logins {
         login.abort();
     }

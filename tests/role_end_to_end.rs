@@ -173,7 +173,7 @@ async fn the_relay_logs_in_with_the_assumed_roles_credentials() {
     let work = test_dir("role-passthrough");
     let listen_port = free_port();
     let top = "mode = \"passthrough\"\ntoken_lifetime = 20\n\
-               relay_listen = \"unix\"\nauth_listen = \"unix\"";
+               relay_listen = \"unix\"";
     let entry = "users = [\"app_user\"]\nexternal_id = \"aws-pgbouncer-e2e\"\n\
                  role_session_name = \"aws-pgbouncer-relay\"";
     let daemon = bed.daemon(work.path(), listen_port, &settings(top, entry));

@@ -7,8 +7,8 @@
 #   passthrough  aws-pgbouncer run --supervise with mode = "passthrough", users = ["app_user"]:
 #                PgBouncer's server connections go to the daemon's relay (unix socket by
 #                default), which logs each in to the stand-in over TLS with a token minted for
-#                it and then copies bytes both ways; PgBouncer's auth_query goes to the
-#                daemon's endpoint (unix socket by default).
+#                it and then copies bytes both ways; PgBouncer finds app_user in its userlist
+#                with the relay's secret.
 # Both run side by side for the whole run, same pool settings (transaction pooling,
 # default_pool_size, max_client_conn), same token lifetime. Workloads, each round:
 # select-only (-S), TPC-B-like (default script), and select-only with a new connection per
@@ -17,8 +17,7 @@
 # Environment (defaults in brackets):
 #   BENCH_ROUNDS [5]  BENCH_DURATION [20] s per pgbench run  BENCH_CLIENTS [8]  BENCH_JOBS [2]
 #   BENCH_SCALE [8]   BENCH_POOL_SIZE [8]  BENCH_TOKEN_LIFETIME [30] s
-#   BENCH_RELAY_LISTEN [unix]  BENCH_AUTH_LISTEN [unix]  passthrough's relay_listen and
-#                     auth_listen; "tcp" picks a free loopback port for either
+#   BENCH_RELAY_LISTEN [unix]  passthrough's relay_listen; "tcp" picks a free loopback port
 #   BENCH_SPLIT_CPUS [1 with 2 or more CPUs]  1: the stand-in and pgbench on CPU 0, the
 #                     daemons and their PgBouncers on the other CPUs, as in production, where
 #                     RDS and the application do not share the pod's CPUs; 0: all share all
@@ -46,7 +45,6 @@ SCALE=${BENCH_SCALE:-8}
 POOL_SIZE=${BENCH_POOL_SIZE:-8}
 LIFETIME=${BENCH_TOKEN_LIFETIME:-30}
 RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix}
-AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix}
 SPLIT_CPUS=${BENCH_SPLIT_CPUS:-$(($(nproc) >= 2))}
 PERF=${BENCH_PERF:-0}
 case $PERF in
@@ -69,7 +67,6 @@ case $SPLIT_CPUS in
 *) say "BENCH_SPLIT_CPUS must be 0 or 1, not $SPLIT_CPUS"; exit 1 ;;
 esac
 [ "$RELAY_LISTEN" != tcp ] || RELAY_LISTEN=127.0.0.1:$(free_port)
-[ "$AUTH_LISTEN" != tcp ] || AUTH_LISTEN=127.0.0.1:$(free_port)
 
 machine_line | tee "$RESULTS/machine.txt" >&2
 daemon_binary
@@ -83,13 +80,11 @@ standin_sql -d appdb -c \
 # --- both set-ups: aws-pgbouncer supervising PgBouncer ------------------------------------------
 start_aws config "" 'user = "app_user"'
 start_aws passthrough "mode = \"passthrough\"
-relay_listen = \"$RELAY_LISTEN\"
-auth_listen = \"$AUTH_LISTEN\"" 'users = ["app_user"]'
+relay_listen = \"$RELAY_LISTEN\"" 'users = ["app_user"]'
 setups=(config passthrough)
 if [ -n "${BENCH_VARIANT_BIN:-}${BENCH_VARIANT_LINES:-}" ]; then
     DAEMON=${BENCH_VARIANT_BIN:-$DAEMON} start_aws variant "mode = \"passthrough\"
 relay_listen = \"$([ "$RELAY_LISTEN" = unix ] && echo unix || echo "127.0.0.1:$(free_port)")\"
-auth_listen = \"$([ "$AUTH_LISTEN" = unix ] && echo unix || echo "127.0.0.1:$(free_port)")\"
 ${BENCH_VARIANT_LINES:-}" 'users = ["app_user"]'
     say "variant: $("${BENCH_VARIANT_BIN:-$DAEMON}" --version) with: ${BENCH_VARIANT_LINES:-(no extra lines)}"
     setups+=(variant)
@@ -170,11 +165,11 @@ metrics passthrough "$RESULTS/passthrough-metrics-end.txt"
 
 # --- summary -------------------------------------------------------------------------------------
 {
-    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_AUTH_LISTEN=${BENCH_AUTH_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS BENCH_PERF=$PERF${BENCH_VARIANT_BIN:+ BENCH_VARIANT_BIN=$BENCH_VARIANT_BIN}${BENCH_VARIANT_LINES:+ BENCH_VARIANT_LINES='$BENCH_VARIANT_LINES'} bash scripts/bench/pgbench_passthrough.sh"
+    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS BENCH_PERF=$PERF${BENCH_VARIANT_BIN:+ BENCH_VARIANT_BIN=$BENCH_VARIANT_BIN}${BENCH_VARIANT_LINES:+ BENCH_VARIANT_LINES='$BENCH_VARIANT_LINES'} bash scripts/bench/pgbench_passthrough.sh"
     cat "$RESULTS/machine.txt"
     echo "pgbench: pgbench -n {-S | (TPC-B) | -S -C} -c $CLIENTS -j $JOBS -T $DURATION -h 127.0.0.1 -p PORT -U app_user appdb (scale $SCALE)"
     echo "PgBouncer: $("$PGBOUNCER_BIN" --version | head -n 1), pool_mode=transaction default_pool_size=$POOL_SIZE"
-    echo "passthrough: relay_listen = \"$RELAY_LISTEN\", auth_listen = \"$AUTH_LISTEN\""
+    echo "passthrough: relay_listen = \"$RELAY_LISTEN\""
     [ ! -f "$RESULTS/variant.toml" ] || echo "variant: passthrough run by ${BENCH_VARIANT_BIN:-the same binary} with: ${BENCH_VARIANT_LINES:-(no extra lines)}"
     echo "CPUs: stand-in and pgbench ${world_cpus[*]:-on all}; daemons and PgBouncers ${pod_cpus[*]:-on all}"
     echo "passthrough PgBouncer's [databases]: $(grep -v '^;;\|^\[\|^$' "$RESULTS/passthrough-databases.ini" 2>/dev/null | head -n 3 | tr '\n' ' ')"
@@ -231,7 +226,7 @@ EOF
     echo "server connections for appdb/app_user opened by each PgBouncer ('new connection to server' lines): config $(grep -c 'appdb/app_user@.* new connection to server' "$RESULTS/config-daemon.log" || true), passthrough $(grep -c 'appdb/app_user@.* new connection to server' "$RESULTS/passthrough-daemon.log" || true)"
     echo "server logins checked by the stand-in's verifier (both set-ups): $(grep -c '"accepted": true' "$STANDIN_DIR/verifier.log" || true) accepted, $(grep -c '"accepted": false' "$STANDIN_DIR/verifier.log" || true) refused"
     echo "'login failed' / 'PAM authentication failed' / relay refusal lines in the daemons' and stand-in's logs: $(cat "$RESULTS/config-daemon.log" "$RESULTS/passthrough-daemon.log" "$RESULTS/standin.log" | grep -c 'login failed\|PAM authentication failed\|refused the login' || true)"
-    echo "passthrough daemon's counters after warm-up -> after the last round (auth_query answers: one per client login):"
+    echo "passthrough daemon's counters after warm-up -> after the last round:"
     join <(grep -v '^#' "$RESULTS/passthrough-metrics-start.txt" | grep '_total\|_count' | sort) \
         <(grep -v '^#' "$RESULTS/passthrough-metrics-end.txt" | grep '_total\|_count' | sort) | sed 's/^/    /' || true
     if [ "$PERF" = 1 ]; then

@@ -61,8 +61,7 @@ run_mode() {
     case "$mode" in
     config) env+=(-e AWS_PGBOUNCER_USER=app_user) ;;
     auth-query) env+=(-e AWS_PGBOUNCER_ALLOW_USERS=app_user -e AWS_PGBOUNCER_AUTH_LISTEN=127.0.0.1:6433) ;;
-    passthrough) env+=(-e AWS_PGBOUNCER_ALLOW_USERS=app_user -e AWS_PGBOUNCER_AUTH_LISTEN=unix
-        -e AWS_PGBOUNCER_RELAY_LISTEN=unix) ;;
+    passthrough) env+=(-e AWS_PGBOUNCER_ALLOW_USERS=app_user -e AWS_PGBOUNCER_RELAY_LISTEN=unix) ;;
     esac
     local -a config=()
     if [ -n "$retry" ]; then

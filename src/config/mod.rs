@@ -60,8 +60,6 @@ pub enum ModeSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassthroughSettings {
-    /// Where the endpoint PgBouncer runs its auth_query against listens.
-    pub auth_listen: LocalListen,
     /// Where the relay PgBouncer's server connections go through listens.
     pub relay_listen: LocalListen,
     /// The RDS CA bundle: the relay logs in to RDS itself, always with verify-full.

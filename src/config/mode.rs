@@ -18,6 +18,15 @@ impl Mode {
     /// (`auth_user`, `auth_query`) rather than from the files the daemon writes.
     pub fn uses_auth_query(self) -> bool {
         match self {
+            Mode::Config | Mode::Passthrough => false,
+            Mode::AuthQuery => true,
+        }
+    }
+
+    /// True when PgBouncer cannot open a server connection while the daemon is down: it
+    /// needs the endpoint's answer (auth-query mode) or the relay (passthrough mode).
+    pub fn server_logins_need_the_daemon(self) -> bool {
+        match self {
             Mode::Config => false,
             Mode::AuthQuery | Mode::Passthrough => true,
         }

@@ -7,7 +7,7 @@ use super::{ConfigFile, Mode};
 use crate::cli::RunArgs;
 use clap::ValueEnum;
 
-const ENDPOINT_MODES: &[Mode] = &[Mode::AuthQuery, Mode::Passthrough];
+const AUTH_QUERY: &[Mode] = &[Mode::AuthQuery];
 const PASSTHROUGH: &[Mode] = &[Mode::Passthrough];
 
 /// Warns, in one line, of every setting given (as a flag, its environment variable or a key)
@@ -17,12 +17,12 @@ pub(super) fn warn_unread(mode: Mode, args: &RunArgs, file: &ConfigFile) {
         (
             "auth_listen",
             args.auth_listen.is_some() || file.auth_listen.is_some(),
-            ENDPOINT_MODES,
+            AUTH_QUERY,
         ),
         (
             "auth_listen_non_loopback",
             args.auth_listen_non_loopback,
-            ENDPOINT_MODES,
+            AUTH_QUERY,
         ),
         (
             "relay_listen",

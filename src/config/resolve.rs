@@ -142,7 +142,6 @@ fn resolve_mode(
             auth_listen: auth_listen()?,
         },
         Mode::Passthrough => ModeSettings::Passthrough(PassthroughSettings {
-            auth_listen: auth_listen()?,
             relay_listen: relay_listen()?,
             rds_ca_file: server_ca_file.cloned().ok_or(
                 "passthrough mode verifies RDS itself and needs --server-ca-file \
@@ -350,29 +349,42 @@ async fn resolve_database(
 
 /// Without `[[clients]]`, applications log in as the IAM user names, without a password, from
 /// loopback: what the old sidecar's users have configured today. In auth-query mode the users
-/// come from the endpoint, so only clients with passwords need listing.
+/// come from the endpoint, so only clients with passwords need listing. In passthrough mode
+/// PgBouncer logs in to the relay as the client's own user with the relay's secret, so a
+/// client can only be an allowed user, already listed.
 fn resolve_clients(
     entries: Vec<ClientEntry>,
     mode: Mode,
     databases: &[Database],
 ) -> Result<Vec<Client>, String> {
-    let clients: Vec<Client> = if entries.is_empty() && !mode.uses_auth_query() {
-        let users: BTreeSet<&str> = databases.iter().map(|db| db.target.user.as_str()).collect();
-        users
-            .into_iter()
-            .map(|user| Client {
-                user: user.to_owned(),
-                password: None,
-            })
-            .collect()
-    } else {
-        entries
+    let clients: Vec<Client> = match mode {
+        Mode::Passthrough if !entries.is_empty() => {
+            return Err(
+                "[[clients]] is for config and auth-query modes: in passthrough mode \
+                        PgBouncer logs in to the relay as the client's user with the relay's \
+                        secret, so applications log in as the users of each database's \
+                        allow-list, from loopback, without a password"
+                    .to_owned(),
+            );
+        }
+        Mode::Config if entries.is_empty() => {
+            let users: BTreeSet<&str> =
+                databases.iter().map(|db| db.target.user.as_str()).collect();
+            users
+                .into_iter()
+                .map(|user| Client {
+                    user: user.to_owned(),
+                    password: None,
+                })
+                .collect()
+        }
+        Mode::Config | Mode::AuthQuery | Mode::Passthrough => entries
             .into_iter()
             .map(|entry| Client {
                 user: entry.user,
                 password: entry.password,
             })
-            .collect()
+            .collect(),
     };
     for client in &clients {
         check_user_name(&client.user)?;

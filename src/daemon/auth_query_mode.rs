@@ -2,13 +2,14 @@
 //! endpoint answers with that user's current token, and PgBouncer logs in to RDS with it.
 //! `pool_refresher` keeps PgBouncer's pools on the current tokens.
 
-use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, is_tcp};
+use super::allowed_keys::AllowedKeys;
+use super::auth_endpoint::{AuthEndpoint, EndpointPlan};
+use super::local_address::is_tcp;
 use super::pool_refresher::PoolRefresher;
 use super::running_mode::Start;
 use crate::config::LocalListen;
 use crate::endpoint::self_signed_tls;
 use crate::pgbouncer::admin::{AdminConsole, reachable_ip};
-use crate::pgbouncer::databases_ini::ServerRoute;
 use crate::pgbouncer::files::write_atomically;
 use crate::pgbouncer::render::{self, ServerTls};
 use crate::token::TokenSource;
@@ -18,12 +19,12 @@ use std::sync::Arc;
 const COMBINED_CA_FILE: &str = "server-ca-bundle.pem";
 
 pub struct AuthQueryMode {
-    endpoint: AuthEndpoint,
+    keys: AllowedKeys,
 }
 
 impl AuthQueryMode {
-    /// Starts the endpoint on `auth_listen` and writes PgBouncer's files. `stopped` resolves
-    /// when the endpoint must stop.
+    /// Starts the endpoint on `auth_listen`, mints the allowed users' first tokens and writes
+    /// PgBouncer's files. `stopped` resolves when the endpoint must stop.
     pub async fn start(
         start: &Start<'_>,
         auth_listen: &LocalListen,
@@ -42,14 +43,13 @@ impl AuthQueryMode {
             true => Some(self_signed_tls(dir)?.0),
             false => None,
         };
-        let (limits, _) = crate::fd_limit::fitted_limits(None);
         let plan = EndpointPlan {
             listen: auth_listen,
             tls: own_tls.clone(),
-            answer: Answer::Tokens,
-            limits,
+            limits: crate::fd_limit::fitted_endpoint_limits(),
         };
         let endpoint = AuthEndpoint::start(start, plan, stopped).await?;
+        let keys = AllowedKeys::mint_first(settings, source).await;
         let ca_file = match (&own_tls, &settings.server_ca_file) {
             // PgBouncer's server_tls_sslmode is global: with verification on, the same CA
             // file must trust RDS and the endpoint.
@@ -60,7 +60,6 @@ impl AuthQueryMode {
         };
         endpoint.write_pgbouncer_files(
             start,
-            ServerRoute::Direct { dir },
             ServerTls {
                 mode: settings.server_tls_mode.as_pgbouncer(),
                 ca_file: ca_file.as_deref(),
@@ -77,12 +76,12 @@ impl AuthQueryMode {
             databases: settings.databases.clone(),
         }
         .spawn(source.subscribe());
-        Ok(Self { endpoint })
+        Ok(Self { keys })
     }
 
     /// Mints every allowed user's token afresh (SIGHUP).
     pub async fn refresh_now(&self, source: &Arc<TokenSource>) {
-        self.endpoint.refresh_now(source).await;
+        self.keys.refresh_now(source).await;
     }
 }
 

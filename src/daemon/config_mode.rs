@@ -45,7 +45,7 @@ impl ConfigMode {
             settings,
             dir,
             written.expose_secret(),
-            &userlist(admin_secret, None, &settings.clients),
+            &userlist(admin_secret, &[], &settings.clients),
             render::ServerTls {
                 mode: settings.server_tls_mode.as_pgbouncer(),
                 ca_file: settings.server_ca_file.as_deref(),

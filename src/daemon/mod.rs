@@ -4,10 +4,12 @@
 //! port claimed before any token is minted, so that bad input fails at once; `/startupz`
 //! turns green only once PgBouncer has re-read files holding the first tokens.
 
+mod allowed_keys;
 mod auth_endpoint;
 mod auth_query_mode;
 mod config_mode;
 mod limit_probe;
+mod local_address;
 mod logging;
 mod passthrough_mode;
 mod pool_refresher;

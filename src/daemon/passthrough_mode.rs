@@ -1,52 +1,57 @@
 //! Passthrough mode: PgBouncer's server connections go to the daemon's relay, which logs each
-//! in to RDS with a token minted for it; PgBouncer's auth_query gets the relay's secret from
-//! the endpoint. Nothing PgBouncer holds can go stale.
+//! in to RDS with a token minted for it. PgBouncer logs in to the relay as each allowed user
+//! with the relay's secret, which `userlist.txt` holds: it never changes while the daemon's
+//! directory lasts, so nothing PgBouncer holds goes stale and no client login waits for the
+//! daemon.
 
-use super::auth_endpoint::{Answer, AuthEndpoint, EndpointPlan, LocalAddress, is_tcp};
+use super::allowed_keys::AllowedKeys;
+use super::local_address::{LocalAddress, is_tcp};
 use super::relay_tokens::RelayTokens;
 use super::running_mode::Start;
 use crate::config::{PassthroughSettings, Settings};
 use crate::endpoint::self_signed_tls;
-use crate::pgbouncer::databases_ini::ServerRoute;
+use crate::pgbouncer::databases_ini::relay_databases_ini;
 use crate::pgbouncer::files::load_or_create_secret;
+use crate::pgbouncer::login_rules::{PlainLogin, userlist};
 use crate::pgbouncer::render::ServerTls;
 use crate::pgbouncer::server_connections::relay_connection_limit;
 use crate::relay::{LoginRate, RelayConfig, Upstream, upstream_tls};
 use crate::token::TokenSource;
 use secrecy::SecretString;
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
 const RELAY_SECRET_FILE: &str = "relay-secret";
 
 pub struct PassthroughMode {
-    endpoint: AuthEndpoint,
+    keys: AllowedKeys,
 }
 
 impl PassthroughMode {
-    /// Starts the relay and the endpoint and writes PgBouncer's files. The `stopped`
-    /// futures resolve when the relay and the endpoint must stop.
+    /// Starts the relay, mints the allowed users' first tokens and writes PgBouncer's files.
+    /// `stopped` resolves when the relay must stop.
     pub async fn start(
         start: &Start<'_>,
         passthrough: &PassthroughSettings,
-        stopped: [impl Future<Output = ()> + Send + 'static; 2],
+        stopped: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Self, String> {
         let Start {
             settings,
             dir,
+            admin_secret,
             source,
             metrics,
             code_pages,
             ..
         } = *start;
-        let [relay_stopped, endpoint_stopped] = stopped;
         // A CA of the daemon's own: every server connection of PgBouncer's goes to the
         // daemon, and on TCP PgBouncer verifies (verify-full) that it is the daemon.
         let (own_tls, own_ca) = self_signed_tls(dir)?;
         let relay_max = passthrough
             .relay_max_connections
             .unwrap_or_else(|| relay_connection_limit(settings));
-        let (endpoint_limits, mut relay_limits) = crate::fd_limit::fitted_limits(Some(relay_max));
+        let mut relay_limits = crate::fd_limit::fitted_relay_limits(relay_max);
         if let Some(rate) = passthrough.relay_login_rate {
             relay_limits.login_rate = LoginRate::per_second(rate);
         }
@@ -54,7 +59,7 @@ impl PassthroughMode {
             load_or_create_secret(dir, RELAY_SECRET_FILE).map_err(|error| error.to_string())?;
         let relay = LocalAddress::of(&passthrough.relay_listen, dir);
         let config = RelayConfig {
-            server_tls: Some(own_tls.clone()),
+            server_tls: Some(own_tls),
             limits: relay_limits,
             metrics: Some(metrics.clone()),
             follow_peer_cpu: follows_pgbouncer_cpu(passthrough),
@@ -69,37 +74,48 @@ impl PassthroughMode {
                 source: source.clone(),
                 code_pages: code_pages.clone(),
             },
-            relay_stopped,
+            stopped,
         ));
         tracing::info!(listen = ?relay.listen, max_connections, "relay listening");
 
-        let plan = EndpointPlan {
-            listen: &passthrough.auth_listen,
-            tls: Some(own_tls),
-            answer: Answer::RelaySecret(secret),
-            limits: endpoint_limits,
-        };
-        let endpoint = AuthEndpoint::start(start, plan, endpoint_stopped).await?;
+        let keys = AllowedKeys::mint_first(settings, source).await;
         // PgBouncer talks only to the daemon, on loopback or a unix socket (where it never
         // starts TLS); the relay does the TLS towards RDS.
-        endpoint.write_pgbouncer_files(
-            start,
-            ServerRoute::Relay {
-                host: &relay.host,
-                port: relay.port,
-            },
+        super::write_pgbouncer_files(
+            settings,
+            dir,
+            &relay_databases_ini(&settings.databases, &relay.host, relay.port),
+            &userlist(
+                admin_secret,
+                &relay_logins(settings, &secret),
+                &settings.clients,
+            ),
             ServerTls {
                 mode: "verify-full",
                 ca_file: Some(&own_ca),
             },
         )?;
-        Ok(Self { endpoint })
+        Ok(Self { keys })
     }
 
     /// Mints every allowed user's token afresh (SIGHUP).
     pub async fn refresh_now(&self, source: &Arc<TokenSource>) {
-        self.endpoint.refresh_now(source).await;
+        self.keys.refresh_now(source).await;
     }
+}
+
+/// Every allowed user, once, with the relay's secret: what PgBouncer logs in to the relay
+/// with. The relay checks each login against its entry's own list.
+fn relay_logins<'a>(settings: &'a Settings, secret: &'a SecretString) -> Vec<PlainLogin<'a>> {
+    let users: BTreeSet<&str> = settings
+        .databases
+        .iter()
+        .flat_map(|db| db.allowed_users.iter().map(String::as_str))
+        .collect();
+    users
+        .into_iter()
+        .map(|user| PlainLogin { user, secret })
+        .collect()
 }
 
 /// Whether the relay follows PgBouncer's CPU: it knows PgBouncer's pid only from a unix

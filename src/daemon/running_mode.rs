@@ -1,9 +1,9 @@
 //! The one interface the daemon's loop sees of a mode: start it, hand it new tokens, make it
 //! mint afresh. Each mode lives in its own file.
 
-use super::auth_endpoint::is_tcp;
 use super::auth_query_mode::AuthQueryMode;
 use super::config_mode::ConfigMode;
+use super::local_address::is_tcp;
 use super::passthrough_mode::PassthroughMode;
 use super::state::DaemonState;
 use crate::code_pages::CodePages;
@@ -45,8 +45,7 @@ impl RunningMode {
                 Self::AuthQuery(AuthQueryMode::start(start, auth_listen, stopped()).await?)
             }
             ModeSettings::Passthrough(passthrough) => {
-                let stopped = [stopped(), stopped()];
-                Self::Passthrough(PassthroughMode::start(start, passthrough, stopped).await?)
+                Self::Passthrough(PassthroughMode::start(start, passthrough, stopped()).await?)
             }
         })
     }
@@ -82,13 +81,13 @@ pub(super) fn presenter(mode: &ModeSettings) -> Presenter {
 }
 
 /// The `server_tls_sslmode` PgBouncer should run with: the daemon's own setting, and in
-/// passthrough mode `verify-full` when a leg to the daemon is on TCP (over unix sockets
-/// PgBouncer never starts TLS, so nothing is to be checked).
+/// passthrough mode `verify-full` when the relay is on TCP (over a unix socket PgBouncer
+/// never starts TLS, so nothing is to be checked).
 pub(super) fn expected_server_tls(settings: &Settings) -> Option<TlsMode> {
     match &settings.mode {
-        ModeSettings::Passthrough(passthrough) => (is_tcp(&passthrough.auth_listen)
-            || is_tcp(&passthrough.relay_listen))
-        .then_some(TlsMode::VerifyFull),
+        ModeSettings::Passthrough(passthrough) => {
+            is_tcp(&passthrough.relay_listen).then_some(TlsMode::VerifyFull)
+        }
         ModeSettings::Config | ModeSettings::AuthQuery { .. } => Some(settings.server_tls_mode),
     }
 }

@@ -12,8 +12,6 @@ use prometheus_client::metrics::gauge::Gauge;
 pub enum AuthQueryResult {
     /// A token was returned.
     Token,
-    /// The relay's secret was returned (passthrough mode: PgBouncer logs in to the relay).
-    RelaySecret,
     /// The user is not one the daemon serves (zero rows).
     UnknownUser,
     /// No token could be had (for instance the credential source is down).
@@ -21,17 +19,11 @@ pub enum AuthQueryResult {
 }
 
 impl AuthQueryResult {
-    pub(super) const ALL: [Self; 4] = [
-        Self::Token,
-        Self::RelaySecret,
-        Self::UnknownUser,
-        Self::Failed,
-    ];
+    pub(super) const ALL: [Self; 3] = [Self::Token, Self::UnknownUser, Self::Failed];
 
     pub(super) fn label(self) -> &'static str {
         match self {
             AuthQueryResult::Token => "token",
-            AuthQueryResult::RelaySecret => "relay_secret",
             AuthQueryResult::UnknownUser => "unknown_user",
             AuthQueryResult::Failed => "failed",
         }

@@ -1,17 +1,24 @@
 //! `userlist.txt` and `pg_hba.conf`: who may log in to PgBouncer, and how. Apart from the
 //! settings because they hold the secrets (as SCRAM verifiers) and decide what is refused.
 
-use super::render::{ADMIN_USER, AUTH_USER};
+use super::render::ADMIN_USER;
 use crate::config::{Client, Database, Mode};
 use secrecy::{ExposeSecret, SecretString};
 use std::fmt::Write;
 
-/// The admin user with a SCRAM verifier of its secret, in auth-query mode the auth user with
-/// its secret in plain text (PgBouncer needs it to log in to the endpoint), and the
-/// applications' users. Plaintext client passwords are stored as SCRAM verifiers.
+/// A user PgBouncer logs in to the daemon as, with its secret in plain text: PgBouncer starts
+/// that SCRAM exchange itself, so a verifier would not do.
+pub struct PlainLogin<'a> {
+    pub user: &'a str,
+    pub secret: &'a SecretString,
+}
+
+/// The admin user with a SCRAM verifier of its secret, the users PgBouncer logs in to the
+/// daemon as (auth-query mode's auth user, passthrough mode's allowed users) with their
+/// secrets, and the applications' users. Client passwords are stored as SCRAM verifiers.
 pub fn userlist(
     admin_secret: &SecretString,
-    auth_secret: Option<&SecretString>,
+    plain_logins: &[PlainLogin<'_>],
     clients: &[Client],
 ) -> SecretString {
     let mut list = String::new();
@@ -19,8 +26,8 @@ pub fn userlist(
         let _ = writeln!(list, "{} {}", quote_userlist(user), quote_userlist(secret));
     };
     add(ADMIN_USER, &scram_verifier(admin_secret));
-    if let Some(auth_secret) = auth_secret {
-        add(AUTH_USER, auth_secret.expose_secret());
+    for login in plain_logins {
+        add(login.user, login.secret.expose_secret());
     }
     for client in clients {
         match &client.password {
@@ -33,24 +40,25 @@ pub fn userlist(
 
 /// Who may log in, and how. Clients without a password may come from loopback only; the
 /// admin console admits the daemon's user only; everything else is rejected. In auth-query
-/// mode any user may try from loopback: the endpoint's allow-list decides who exists.
+/// mode any user may try from loopback: the endpoint's allow-list decides who exists. In
+/// passthrough mode each entry admits its allowed users from loopback.
 pub fn hba(mode: Mode, databases: &[Database], clients: &[Client]) -> String {
     let mut rules =
         String::from("# Written by aws-pgbouncer. Anything not allowed here is refused.\n");
-    let mut allow = |database: &str, user: &str, method: &str, remote: bool| {
-        let user = quote_userlist(user);
-        let _ = writeln!(rules, "local {database} {user} {method}");
+    // `users` is already quoted: one name, or several joined by commas.
+    let mut allow = |database: &str, users: &str, method: &str, remote: bool| {
+        let _ = writeln!(rules, "local {database} {users} {method}");
         let (v4, v6) = if remote {
             ("0.0.0.0/0", "::/0")
         } else {
             ("127.0.0.1/32", "::1/128")
         };
-        let _ = writeln!(rules, "host {database} {user} {v4} {method}");
-        let _ = writeln!(rules, "host {database} {user} {v6} {method}");
+        let _ = writeln!(rules, "host {database} {users} {v4} {method}");
+        let _ = writeln!(rules, "host {database} {users} {v6} {method}");
     };
     allow(
         &quote_userlist("pgbouncer"),
-        ADMIN_USER,
+        &quote_userlist(ADMIN_USER),
         "scram-sha-256",
         false,
     );
@@ -61,15 +69,22 @@ pub fn hba(mode: Mode, databases: &[Database], clients: &[Client]) -> String {
         .collect();
     let names = names.join(",");
     for client in clients {
+        let user = quote_userlist(&client.user);
         match client.password {
-            Some(_) => allow(&names, &client.user, "scram-sha-256", true),
-            None => allow(&names, &client.user, "trust", false),
+            Some(_) => allow(&names, &user, "scram-sha-256", true),
+            None => allow(&names, &user, "trust", false),
         }
     }
-    if mode.uses_auth_query() {
-        let _ = writeln!(rules, "local {names} all trust");
-        let _ = writeln!(rules, "host {names} all 127.0.0.1/32 trust");
-        let _ = writeln!(rules, "host {names} all ::1/128 trust");
+    match mode {
+        Mode::Config => {}
+        Mode::AuthQuery => allow(&names, "all", "trust", false),
+        Mode::Passthrough => {
+            for db in databases {
+                let users: Vec<String> =
+                    db.allowed_users.iter().map(|u| quote_userlist(u)).collect();
+                allow(&quote_userlist(&db.name), &users.join(","), "trust", false);
+            }
+        }
     }
     rules
 }
@@ -124,7 +139,7 @@ mod tests {
 
     #[test]
     fn hba_quotes_every_database_name_so_none_is_a_keyword() {
-        for mode in [Mode::Config, Mode::AuthQuery] {
+        for mode in [Mode::Config, Mode::AuthQuery, Mode::Passthrough] {
             let rules = hba(mode, &[database("all", "app")], &[]);
             for line in rules.lines().filter(|line| !line.starts_with('#')) {
                 let database = line.split_whitespace().nth(1).unwrap();
@@ -139,9 +154,46 @@ mod tests {
             user: "app".into(),
             password: Some(SecretString::from("hunter2")),
         }];
-        let list = userlist(&SecretString::from("admin-secret"), None, &clients);
+        let list = userlist(&SecretString::from("admin-secret"), &[], &clients);
         let text = list.expose_secret();
         assert!(!text.contains("hunter2") && !text.contains("admin-secret"));
         assert_eq!(text.matches("SCRAM-SHA-256$4096:").count(), 2);
+    }
+
+    #[test]
+    fn passthrough_admits_each_entrys_allowed_users_from_loopback_only() {
+        let mut reports = database("reports", "reporter");
+        reports.allowed_users.push("o\"brien".into());
+        let rules = hba(
+            Mode::Passthrough,
+            &[database("app", "app_user"), reports],
+            &[],
+        );
+        assert!(
+            rules.contains("local \"app\" \"app_user\" trust\n"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains("host \"reports\" \"reporter\",\"o\"\"brien\" 127.0.0.1/32 trust\n"),
+            "{rules}"
+        );
+        assert!(
+            !rules.contains(" all ") && !rules.contains("0.0.0.0/0"),
+            "{rules}"
+        );
+    }
+
+    #[test]
+    fn plain_logins_keep_their_secret_as_given() {
+        let secret = SecretString::from("relay-secret");
+        let login = PlainLogin {
+            user: "app_user",
+            secret: &secret,
+        };
+        let list = userlist(&SecretString::from("admin-secret"), &[login], &[]);
+        assert!(
+            list.expose_secret()
+                .contains("\"app_user\" \"relay-secret\"\n")
+        );
     }
 }

@@ -76,15 +76,16 @@ pub fn pgbouncer_ini(settings: &Settings, dir: &Path, server_tls: ServerTls<'_>)
     if let Some(ca_file) = server_tls.ca_file {
         set("server_tls_ca_file", &ca_file.display().to_string());
     }
-    if settings.mode.mode().uses_auth_query() {
+    let mode = settings.mode.mode();
+    if mode.uses_auth_query() {
         set("auth_user", AUTH_USER);
         set("auth_query", AUTH_QUERY);
-        // Here the daemon is on PgBouncer's login path. PgBouncer remembers a failed server
-        // login for server_login_retry (15 s by default) and turns the pool's new clients away
-        // meanwhile, so a daemon restart of about a second would stall logins for 15 s.
-        if !user_sets(settings, "server_login_retry") {
-            set("server_login_retry", SERVER_LOGIN_RETRY_SECONDS);
-        }
+    }
+    // PgBouncer remembers a failed server login for server_login_retry (15 s by default) and
+    // turns the pool's new clients away meanwhile, so a daemon restart of about a second
+    // would stall logins for 15 s.
+    if mode.server_logins_need_the_daemon() && !user_sets(settings, "server_login_retry") {
+        set("server_login_retry", SERVER_LOGIN_RETRY_SECONDS);
     }
     // JDBC and many drivers send extra_float_digits; without this PgBouncer refuses them.
     if !user_sets(settings, "ignore_startup_parameters") {
@@ -123,18 +124,15 @@ pub(crate) mod tests {
     }
 
     fn settings(mode: Mode, pgbouncer_settings: &[(&str, &str)]) -> Settings {
-        let (auth_listen, relay_listen) = (
-            crate::config::LocalListen::Unix { port: 6433 },
-            crate::config::LocalListen::Unix { port: 6434 },
-        );
         Settings {
             mode: match mode {
                 Mode::Config => ModeSettings::Config,
-                Mode::AuthQuery => ModeSettings::AuthQuery { auth_listen },
+                Mode::AuthQuery => ModeSettings::AuthQuery {
+                    auth_listen: crate::config::LocalListen::Unix { port: 6433 },
+                },
                 Mode::Passthrough => {
                     ModeSettings::Passthrough(crate::config::PassthroughSettings {
-                        auth_listen,
-                        relay_listen,
+                        relay_listen: crate::config::LocalListen::Unix { port: 6434 },
                         rds_ca_file: "/etc/rds-ca.pem".into(),
                         relay_max_connections: None,
                         relay_login_rate: None,
@@ -193,5 +191,25 @@ pub(crate) mod tests {
         // In config mode the daemon is not on the login path: PgBouncer's default stands.
         let ini = rendered_ini(&settings(Mode::Config, &[]));
         assert!(!ini.contains("server_login_retry"), "{ini}");
+    }
+
+    #[test]
+    fn only_auth_query_mode_sends_pgbouncer_to_the_auth_endpoint() {
+        let ini = rendered_ini(&settings(Mode::AuthQuery, &[]));
+        assert!(
+            ini.contains(&format!("\nauth_user = {AUTH_USER}\n")),
+            "{ini}"
+        );
+        assert!(
+            ini.contains(&format!("\nauth_query = {AUTH_QUERY}\n")),
+            "{ini}"
+        );
+        for mode in [Mode::Config, Mode::Passthrough] {
+            let ini = rendered_ini(&settings(mode, &[]));
+            assert!(
+                !ini.contains("auth_user") && !ini.contains("auth_query"),
+                "{ini}"
+            );
+        }
     }
 }

@@ -293,7 +293,6 @@ pub const PASSTHROUGH_SETTINGS: &str = r#"
 mode = "passthrough"
 token_lifetime = 20
 relay_listen = "unix"
-auth_listen = "unix"
 
 [pgbouncer]
 pool_mode = "transaction"
