@@ -350,8 +350,8 @@ async fn resolve_database(
 /// Without `[[clients]]`, applications log in as the IAM user names, without a password, from
 /// loopback: what the old sidecar's users have configured today. In auth-query mode the users
 /// come from the endpoint, so only clients with passwords need listing. In passthrough mode
-/// PgBouncer logs in to the relay as the client's own user with the relay's secret, so a
-/// client can only be an allowed user, already listed.
+/// PgBouncer logs in to the relay as the client's own user with the relay's secret, so the
+/// clients are the allowed users, which the daemon lists itself: `[[clients]]` is refused.
 fn resolve_clients(
     entries: Vec<ClientEntry>,
     mode: Mode,

@@ -23,7 +23,7 @@ const AUTH_SECRET_FILE: &str = "auth-secret";
 /// How the endpoint is set up; the rest comes from the settings.
 pub(super) struct EndpointPlan<'a> {
     pub listen: &'a LocalListen,
-    /// Offered to PgBouncer: the endpoint is on TCP.
+    /// Offered to PgBouncer when the endpoint is on TCP (`None` on a unix socket).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub limits: Limits,
 }
