@@ -163,26 +163,39 @@ fn passthrough_needs_a_ca_file() {
     );
 }
 
-/// In passthrough mode PgBouncer logs in to the relay as the client's own user with the
-/// relay's secret, so a `[[clients]]` entry could never log in: refused, with the reason.
+/// Outside config mode PgBouncer logs in to the server as the client's own user with the
+/// password it holds for that user, so a `[[clients]]` entry would replace the token (auth-query
+/// mode) or the relay secret (passthrough mode) with the client's password and could never
+/// log in: refused, with the reason.
 #[test]
-fn clients_in_passthrough_mode_are_refused() {
+fn clients_outside_config_mode_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "mode = \"passthrough\"\n{ONE_DATABASE}\n[[clients]]\nuser = \"app\"\npassword = \"pw\"\n"
-    );
     let ca = dir.path().join("rds-ca.pem");
     std::fs::write(&ca, "not read before the refusal\n").unwrap();
-    let output = run_in(
-        dir.path(),
-        &config,
-        &["--server-ca-file", ca.to_str().unwrap()],
-    );
-    assert_refused(
-        &output,
-        1,
-        "[[clients]] is for config and auth-query modes: in passthrough mode PgBouncer logs in",
-    );
+    for (mode, instead) in [
+        ("auth-query", "RDS with it instead of the user's token"),
+        (
+            "passthrough",
+            "the relay with it instead of the relay's secret",
+        ),
+    ] {
+        let config = format!(
+            "mode = \"{mode}\"\n{ONE_DATABASE}\n[[clients]]\nuser = \"app_user\"\npassword = \"pw\"\n"
+        );
+        let output = run_in(
+            dir.path(),
+            &config,
+            &["--server-ca-file", ca.to_str().unwrap()],
+        );
+        assert_refused(
+            &output,
+            1,
+            &format!(
+                "[[clients]] is for config mode: here PgBouncer would take a listed client's \
+                 own password and log in to {instead}, which fails"
+            ),
+        );
+    }
 }
 
 #[test]

@@ -348,25 +348,16 @@ async fn resolve_database(
 }
 
 /// Without `[[clients]]`, applications log in as the IAM user names, without a password, from
-/// loopback: what the old sidecar's users have configured today. In auth-query mode the users
-/// come from the endpoint, so only clients with passwords need listing. In passthrough mode
-/// PgBouncer logs in to the relay as the client's own user with the relay's secret, so the
-/// clients are the allowed users, which the daemon lists itself: `[[clients]]` is refused.
+/// loopback: what the old sidecar's users have configured today. `[[clients]]` is for config
+/// mode only: in the other modes PgBouncer logs in to the server as the client's own user,
+/// with the password it has for that user, so a listed client would lose the token (auth-query
+/// mode) or the relay secret (passthrough mode) to its own password.
 fn resolve_clients(
     entries: Vec<ClientEntry>,
     mode: Mode,
     databases: &[Database],
 ) -> Result<Vec<Client>, String> {
     let clients: Vec<Client> = match mode {
-        Mode::Passthrough if !entries.is_empty() => {
-            return Err(
-                "[[clients]] is for config and auth-query modes: in passthrough mode \
-                        PgBouncer logs in to the relay as the client's user with the relay's \
-                        secret, so applications log in as the users of each database's \
-                        allow-list, from loopback, without a password"
-                    .to_owned(),
-            );
-        }
         Mode::Config if entries.is_empty() => {
             let users: BTreeSet<&str> =
                 databases.iter().map(|db| db.target.user.as_str()).collect();
@@ -378,17 +369,34 @@ fn resolve_clients(
                 })
                 .collect()
         }
-        Mode::Config | Mode::AuthQuery | Mode::Passthrough => entries
+        Mode::Config => entries
             .into_iter()
             .map(|entry| Client {
                 user: entry.user,
                 password: entry.password,
             })
             .collect(),
+        Mode::AuthQuery | Mode::Passthrough if entries.is_empty() => Vec::new(),
+        Mode::AuthQuery => return Err(clients_refused("RDS with it instead of the user's token")),
+        Mode::Passthrough => {
+            return Err(clients_refused(
+                "the relay with it instead of the relay's secret",
+            ));
+        }
     };
     for client in &clients {
         check_user_name(&client.user)?;
     }
     check_unique(clients.iter().map(|c| c.user.as_str()), "client user")?;
     Ok(clients)
+}
+
+/// Why `[[clients]]` is refused outside config mode: PgBouncer would log in to
+/// `server_and_instead` with the client's own password, which fails.
+fn clients_refused(server_and_instead: &str) -> String {
+    format!(
+        "[[clients]] is for config mode: here PgBouncer would take a listed client's own \
+         password and log in to {server_and_instead}, which fails; applications log in as the users \
+         of each database's allow-list, from loopback, without a password"
+    )
 }
