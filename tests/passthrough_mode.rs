@@ -165,6 +165,31 @@ async fn a_cancelled_query_is_cancelled_on_the_server() {
     );
 }
 
+/// PgBouncer finds every allowed user in its own files at scale: with 1,002 users on one
+/// entry, the first and the last on the list both log in (the entry's `pg_hba.conf` rule is
+/// one line of about 17 KB, which PgBouncer must read whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_and_the_last_of_a_thousand_allowed_users_log_in() {
+    let standin = Standin::start();
+    let work = test_dir("passthrough-many-users");
+    let listen_port = free_port();
+    let bulk = (0..1000).map(|i| format!("\"bulk_user_{i:04}\""));
+    let users: Vec<String> = std::iter::once("\"reporter\"".to_owned())
+        .chain(bulk)
+        .chain(std::iter::once("\"app_user\"".to_owned()))
+        .collect();
+    let settings = format!(
+        "mode = \"passthrough\"\n\n[[databases]]\nname = \"appdb\"\nhost = \"localhost\"\n\
+         port = {{standin_port}}\ndbname = \"appdb\"\nusers = [{}]\n",
+        users.join(", ")
+    );
+    let _daemon = Daemon::start_supervised(work.path(), &standin, listen_port, &settings);
+    for user in ["reporter", "app_user"] {
+        let client = connect(listen_port, user, "appdb").await.unwrap();
+        assert_eq!(scalar(&client, "SELECT current_user").await.unwrap(), user);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_off_the_allow_list_are_refused() {
     let standin = Standin::start();
