@@ -4,18 +4,28 @@
 mod support;
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 use support::Creds;
 use support::daemon::command;
 
+/// Runs the binary on bad input, which must end it at once. One still running after 30 s (a
+/// refusal that regressed, so the daemon went on to mint and serve) is killed, so that the
+/// test fails on its assertions instead of hanging.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let creds = Creds::new("AKIDEXAMPLE", "not-a-real-secret", None);
     let mut cmd = command(Some(&creds));
-    cmd.args(args);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     for (key, value) in env {
         cmd.env(key, value);
     }
-    cmd.output().expect("run aws-pgbouncer")
+    let mut child = cmd.spawn().expect("run aws-pgbouncer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("aws-pgbouncer's output")
 }
 
 fn assert_refused(output: &Output, code: i32, expected: &str) {
