@@ -23,8 +23,7 @@ const LIFETIME: u64 = 20;
 /// stand-in, without a dbname: DSQL's `postgres` is the default.
 fn settings(mode: &str, entries: &[(&str, &str)]) -> String {
     let mut text = format!(
-        "mode = \"{mode}\"\ntoken_lifetime = {LIFETIME}\nauth_listen = \"unix\"\n\
-         relay_listen = \"unix\"\n\n[pgbouncer]\nserver_check_delay = 0\n"
+        "mode = \"{mode}\"\ntoken_lifetime = {LIFETIME}\n\n[pgbouncer]\nserver_check_delay = 0\n"
     );
     for (name, users) in entries {
         text.push_str(&format!(

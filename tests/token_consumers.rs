@@ -43,8 +43,6 @@ server_ca_file = "{ca}"
 region = "{region}"
 mode = "{mode}"
 token_lifetime = 10
-auth_listen = "unix"
-relay_listen = "unix"
 
 [[databases]]
 name = "appdb"

@@ -58,8 +58,6 @@ fn settings(mode: &str, forward: &PortForward, token: Option<(&str, u16)>) -> St
     format!(
         r#"
 mode = "{mode}"
-auth_listen = "unix"
-relay_listen = "unix"
 
 [pgbouncer]
 server_check_delay = 0
