@@ -34,6 +34,10 @@
 #                     BENCH_VARIANT_LINES added [none]; set either to compare two builds or two
 #                     settings side by side in one run, e.g.
 #                     BENCH_VARIANT_LINES='relay_follow_pgbouncer_cpu = false'
+#   BENCH_VARIANT_CHRT  chrt's policy options for the variant daemon's runtime thread (its
+#                     main thread; its PgBouncer, started before, keeps the default), set once
+#                     it is up, e.g. '-f 1' for SCHED_FIFO; implies the variant set-up. Needs
+#                     root (CAP_SYS_NICE) [unset: the default policy]
 #                     The set-ups' order rotates by one from round to round, so that each runs
 #                     in each position equally often (over a multiple of 2 or 3 rounds).
 set -euo pipefail
@@ -82,11 +86,16 @@ start_aws config "" 'user = "app_user"'
 start_aws passthrough "mode = \"passthrough\"
 relay_listen = \"$RELAY_LISTEN\"" 'users = ["app_user"]'
 setups=(config passthrough)
-if [ -n "${BENCH_VARIANT_BIN:-}${BENCH_VARIANT_LINES:-}" ]; then
+if [ -n "${BENCH_VARIANT_BIN:-}${BENCH_VARIANT_LINES:-}${BENCH_VARIANT_CHRT:-}" ]; then
     DAEMON=${BENCH_VARIANT_BIN:-$DAEMON} start_aws variant "mode = \"passthrough\"
 relay_listen = \"$([ "$RELAY_LISTEN" = unix ] && echo unix || echo "127.0.0.1:$(free_port)")\"
 ${BENCH_VARIANT_LINES:-}" 'users = ["app_user"]'
     say "variant: $("${BENCH_VARIANT_BIN:-$DAEMON}" --version) with: ${BENCH_VARIANT_LINES:-(no extra lines)}"
+    if [ -n "${BENCH_VARIANT_CHRT:-}" ]; then
+        # shellcheck disable=SC2086 # the options are words on purpose
+        chrt -p $BENCH_VARIANT_CHRT "${bench_daemon_pid[variant]}"
+        say "variant's runtime thread: $(chrt -p "${bench_daemon_pid[variant]}" | head -n 1)"
+    fi
     setups+=(variant)
 fi
 
@@ -165,12 +174,12 @@ metrics passthrough "$RESULTS/passthrough-metrics-end.txt"
 
 # --- summary -------------------------------------------------------------------------------------
 {
-    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS BENCH_PERF=$PERF${BENCH_VARIANT_BIN:+ BENCH_VARIANT_BIN=$BENCH_VARIANT_BIN}${BENCH_VARIANT_LINES:+ BENCH_VARIANT_LINES='$BENCH_VARIANT_LINES'} bash scripts/bench/pgbench_passthrough.sh"
+    echo "command: BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DURATION BENCH_CLIENTS=$CLIENTS BENCH_JOBS=$JOBS BENCH_SCALE=$SCALE BENCH_POOL_SIZE=$POOL_SIZE BENCH_TOKEN_LIFETIME=$LIFETIME BENCH_RELAY_LISTEN=${BENCH_RELAY_LISTEN:-unix} BENCH_SPLIT_CPUS=$SPLIT_CPUS BENCH_PERF=$PERF${BENCH_VARIANT_BIN:+ BENCH_VARIANT_BIN=$BENCH_VARIANT_BIN}${BENCH_VARIANT_LINES:+ BENCH_VARIANT_LINES='$BENCH_VARIANT_LINES'}${BENCH_VARIANT_CHRT:+ BENCH_VARIANT_CHRT='$BENCH_VARIANT_CHRT'} bash scripts/bench/pgbench_passthrough.sh"
     cat "$RESULTS/machine.txt"
     echo "pgbench: pgbench -n {-S | (TPC-B) | -S -C} -c $CLIENTS -j $JOBS -T $DURATION -h 127.0.0.1 -p PORT -U app_user appdb (scale $SCALE)"
     echo "PgBouncer: $("$PGBOUNCER_BIN" --version | head -n 1), pool_mode=transaction default_pool_size=$POOL_SIZE"
     echo "passthrough: relay_listen = \"$RELAY_LISTEN\""
-    [ ! -f "$RESULTS/variant.toml" ] || echo "variant: passthrough run by ${BENCH_VARIANT_BIN:-the same binary} with: ${BENCH_VARIANT_LINES:-(no extra lines)}"
+    [ ! -f "$RESULTS/variant.toml" ] || echo "variant: passthrough run by ${BENCH_VARIANT_BIN:-the same binary} with: ${BENCH_VARIANT_LINES:-(no extra lines)}${BENCH_VARIANT_CHRT:+, runtime thread under chrt $BENCH_VARIANT_CHRT}"
     echo "CPUs: stand-in and pgbench ${world_cpus[*]:-on all}; daemons and PgBouncers ${pod_cpus[*]:-on all}"
     echo "passthrough PgBouncer's [databases]: $(grep -v '^;;\|^\[\|^$' "$RESULTS/passthrough-databases.ini" 2>/dev/null | head -n 3 | tr '\n' ' ')"
     echo "[pgbouncer] settings that differ (< config mode's rendered ini, > passthrough's):"
