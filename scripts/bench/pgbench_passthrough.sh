@@ -34,12 +34,13 @@
 #                     BENCH_VARIANT_LINES added [none]; set either to compare two builds or two
 #                     settings side by side in one run, e.g.
 #                     BENCH_VARIANT_LINES='relay_follow_pgbouncer_cpu = false'
-#   BENCH_VARIANT_CHRT  chrt's policy options for the variant daemon's runtime thread (its
-#                     main thread; its PgBouncer, started before, keeps the default), set once
-#                     it is up, e.g. '-f 1' for SCHED_FIFO; implies the variant set-up. Needs
-#                     root (CAP_SYS_NICE) [unset: the default policy]
 #                     The set-ups' order rotates by one from round to round, so that each runs
 #                     in each position equally often (over a multiple of 2 or 3 rounds).
+#   BENCH_VARIANT_CHRT  a scheduling policy and priority for the variant daemon's runtime
+#                     thread (its main thread; its PgBouncer, started before, keeps the
+#                     default), as chrt takes them, set once the daemon is up, e.g. '-f 1' for
+#                     SCHED_FIFO 1; implies the variant set-up. Needs root (CAP_SYS_NICE)
+#                     [unset: the default policy]
 set -euo pipefail
 ROUNDS=${BENCH_ROUNDS:-5}
 DURATION=${BENCH_DURATION:-20}
